@@ -1,0 +1,160 @@
+"""Orchestration behind the CLI and the Python API: validate, load, calibrate, run the
+pipeline, save; evaluate; inspect. No tensor math lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qtool import __version__
+from qtool.config import QuantizeConfig, resolve_group_size
+from qtool.errors import UnsupportedError, UserInputError
+from qtool.io import check_output_path, format_options, load_quantized_model, read_qtool_json, sha256_file
+from qtool.loading import load_model, resolve
+from qtool.models import get_blocks, spec_for
+from qtool.pack import get_format
+
+log = logging.getLogger(__name__)
+Progress = Callable[..., None]
+
+
+def _quiet(event: str, **info: Any) -> None:
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserInputError(f"--device {device} is not supported: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return torch.device(device)
+
+
+def check_format_options(config: QuantizeConfig) -> None:
+    """Method/format/option combinations that cannot work, before any model loading."""
+    fmt = get_format(config.format)
+    reason = fmt.check_options(config.bits, config.group_size or 64, config.symmetric, config.uses_act_order,
+                               **format_options(config.format, config))
+    if reason:
+        raise UnsupportedError(f"--format {config.format}: {reason}")
+
+
+def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, tuple[int, int]]]:
+    """Architecture, resolved config and the quantized layers' shapes; every shape or
+    format constraint is checked here, before calibration."""
+    spec = spec_for(model)
+    blocks = get_blocks(model, spec)
+    shapes = {}
+    for i, block in enumerate(blocks):
+        for name in spec.linears:
+            lin = block.get_submodule(name)
+            shapes[f"{spec.blocks}.{i}.{name}"] = (lin.out_features, lin.in_features)
+    config = resolve_group_size(config, {n: k for n, (_, k) in shapes.items()})
+    check_format_options(config)
+    fmt = get_format(config.format)
+    failures = {}
+    for name, (n, k) in shapes.items():
+        reason = fmt.check_layer(n, k, config.bits, config.group_size, config.symmetric, config.uses_act_order,
+                                 **format_options(config.format, config))
+        if reason:
+            failures[name] = reason
+    if failures:
+        first = next(iter(failures.items()))
+        raise UnsupportedError(
+            f"--format {config.format} cannot store {len(failures)} of {len(shapes)} layers, e.g. {first[0]}: {first[1]}"
+        )
+    return spec, config, shapes
+
+
+def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
+             device: str = "auto", force: bool = False, progress: Progress = _quiet) -> dict:
+    """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
+    Returns the ``qtool.json`` record."""
+    from qtool.calib import load_calibration
+    from qtool.io import save_checkpoint
+    from qtool.methods import get_method
+    from qtool.pipeline import quantize_model
+
+    t_start = time.perf_counter()
+    check_output_path(output, force)
+    check_format_options(config)
+    dev = resolve_device(device)
+    source = resolve(model)
+    progress("stage", name="load", detail=source.display)
+    hf_model, tokenizer, folder = load_model(source, dtype)
+    spec, config, shapes = plan(hf_model, config)
+    method = get_method(config)
+    t_loaded = time.perf_counter()
+    calib = None
+    if method.needs_calibration:
+        progress("stage", name="calibration data", detail=config.calib or "bundled calib_data")
+        calib = load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
+    results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev, progress)
+    t_quant = time.perf_counter()
+    progress("stage", name="save", detail=str(output))
+    provenance = {
+        "model": {"source": source.display, "kind": source.kind, "architecture": spec.name},
+        "calibration": None if calib is None else calib.provenance(),
+        "seed": config.seed,
+        "layers": {name: {"shape": list(shapes[name]), **res.stats} for name, res in sorted(results.items())},
+        "timings_s": {"load": round(t_loaded - t_start, 2), "quantize": round(t_quant - t_loaded, 2)},
+        "torch_version": torch.__version__,
+        "device": dev.type,
+    }
+    record = save_checkpoint(output, hf_model, tokenizer, folder, {n: r.qweight for n, r in results.items()},
+                             config, provenance, force=force)
+    record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    return {"output": str(output), **record}
+
+
+def load_any(path: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, info) for a float model (folder, .gguf, hub id, default) or a
+    quantized checkpoint (read through its format)."""
+    from transformers import AutoTokenizer
+
+    if path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file():
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        if cfg.get("quantization_config"):
+            model = load_quantized_model(path, dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            return model, tokenizer, {"path": str(path), "quantized": True}
+    source = resolve(path)
+    model, tokenizer, folder = load_model(source, "float32" if dtype == torch.float32 else str(dtype).split(".")[-1])
+    return model, tokenizer, {"path": source.display, "quantized": False}
+
+
+def inspect_checkpoint(path: str | Path, verify: bool = False) -> dict:
+    """What a checkpoint holds: method, bits, group size, format, per-layer error,
+    calibration provenance; with ``verify`` the sha256 of every file is recomputed."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserInputError(f"{path} is not a checkpoint folder (no config.json)")
+    record = read_qtool_json(path)
+    qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
+    out: dict[str, Any] = {"path": str(path), "quantization_config": qcfg}
+    if record is None:
+        out["qtool"] = None
+        return out
+    cfg = record["config"]
+    out.update({
+        "qtool_version": record["qtool_version"], "method": cfg["method"], "bits": cfg["bits"],
+        "group_size": cfg["group_size"], "sym": cfg["sym"], "format": record["format"],
+        "calibration": record.get("calibration"), "model": record.get("model"), "layers": record.get("layers", {}),
+        "timings_s": record.get("timings_s"),
+    })
+    if verify:
+        mismatched = [name for name, digest in record["files_sha256"].items()
+                      if not (path / name).is_file() or sha256_file(path / name) != digest]
+        out["verified"] = not mismatched
+        out["mismatched_files"] = mismatched
+    return out
+
+
+__all__ = ["quantize", "inspect_checkpoint", "load_any", "plan", "resolve_device", "__version__"]

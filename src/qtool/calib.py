@@ -1,0 +1,143 @@
+"""Calibration data: text -> token tensor ``[nsamples, seqlen]``, seeded and offline.
+
+Sources:
+- omitted: the bundled ``calib_data/*.txt`` (text this project wrote; see its README);
+- a ``.txt`` file, a ``.jsonl`` file (``text`` field per line, or pre-tokenized
+  ``input_ids`` used exactly as given) or a ``.parquet`` file with a ``text`` column;
+- a dataset name (``pileval``, ``c4``, ``wikitext2``) resolved through ``datasets``.
+
+Text is joined with "\\n\\n", tokenized once, and ``nsamples`` windows of ``seqlen`` tokens
+start at positions drawn by ``torch.Generator().manual_seed(seed)`` (the GPTQ recipe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtool.errors import UserInputError
+
+DATASETS = {
+    "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "text"),
+    "c4": ("allenai/c4", "en", "validation", "text"),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Token windows plus where they came from. ``input_ids`` is int64 ``[nsamples, seqlen]``."""
+
+    input_ids: torch.Tensor
+    source: str
+    sha256: str
+
+    def provenance(self) -> dict:
+        n, L = self.input_ids.shape
+        return {"source": self.source, "nsamples": n, "seqlen": L, "tokens_sha256": self.sha256}
+
+
+def bundled_calib_dir() -> Path:
+    here = Path(__file__).resolve()
+    for candidate in (here.parent / "calib_data", here.parents[2] / "calib_data"):
+        if any(candidate.glob("*.txt")):
+            return candidate
+    raise UserInputError("the bundled calib_data/ folder is missing: reinstall qtool or pass --calib FILE")
+
+
+def _read_texts(path: Path) -> list[str] | list[list[int]]:
+    """Texts of a file, or token lists for a pre-tokenized jsonl."""
+    try:
+        if path.suffix == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        if path.suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UserInputError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix that line") from exc
+            if not rows:
+                raise UserInputError(f"calibration file {path} is empty: give a file with text")
+            if all(isinstance(r, dict) and "input_ids" in r for r in rows):
+                return [list(map(int, r["input_ids"])) for r in rows]
+            if all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+                return [r["text"] for r in rows]
+            raise UserInputError(
+                f"{path}: every line must be an object with a 'text' string or an 'input_ids' list"
+            )
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise UserInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"calibration file {path} is not UTF-8 text: convert it to UTF-8") from exc
+    raise UserInputError(f"calibration file {path} must end in .txt, .jsonl or .parquet")
+
+
+def _dataset_texts(name: str) -> list[str]:
+    repo, config, split, column = DATASETS[name]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as exc:  # offline, missing, auth: one message for the user
+        raise UserInputError(
+            f"could not load dataset '{name}' ({repo}) through `datasets` ({type(exc).__name__}); "
+            "when offline pass a local file with --calib PATH (.txt, .jsonl or .parquet)"
+        ) from exc
+    return [t for t in ds[column][:5000] if t]
+
+
+def load_calibration(calib: str | None, tokenizer, nsamples: int, seqlen: int, seed: int) -> Calibration:
+    """Deterministic calibration windows for ``tokenizer``."""
+    if calib is None:
+        folder = bundled_calib_dir()
+        texts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))]
+        source = "bundled:calib_data"
+    elif calib in DATASETS:
+        texts, source = _dataset_texts(calib), f"dataset:{calib}"
+    else:
+        path = Path(calib).expanduser()
+        if not path.is_file():
+            raise UserInputError(
+                f"calibration file {calib} does not exist: pass a .txt/.jsonl/.parquet file or one of {', '.join(DATASETS)}"
+            )
+        texts, source = _read_texts(path), f"file:{os.path.abspath(path)}"
+
+    if texts and isinstance(texts[0], list):
+        rows = [r for r in texts if r]
+        if len(rows) < nsamples:
+            raise UserInputError(f"{calib} has {len(rows)} pre-tokenized rows, fewer than --nsamples {nsamples}")
+        short = [i for i, r in enumerate(rows[:nsamples]) if len(r) < seqlen]
+        if short:
+            raise UserInputError(
+                f"{calib}: row {short[0] + 1} has {len(rows[short[0]])} tokens, fewer than --seqlen {seqlen}"
+            )
+        ids = torch.tensor([r[:seqlen] for r in rows[:nsamples]], dtype=torch.long)
+    else:
+        text = "\n\n".join(t for t in texts if t)
+        if not text.strip():
+            raise UserInputError(f"calibration source {calib or 'calib_data'} is empty: give text to calibrate on")
+        tokens = tokenizer(text, return_tensors="pt").input_ids[0]
+        if tokens.numel() < seqlen + 1:
+            raise UserInputError(
+                f"calibration text has {tokens.numel()} tokens, too short for one window of --seqlen {seqlen}: "
+                "give more text or lower --seqlen"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
+        ids = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    return Calibration(input_ids=ids, source=source, sha256=digest)

@@ -1,0 +1,209 @@
+"""The ``qtool`` command line: thin Typer commands that parse, build a config, call
+``qtool.api`` and print the result (a table, or JSON with ``--json``).
+
+Exit codes: 0 ok; 1 user error (one line naming the problem and the fix); 2 usage error;
+3 internal error (traceback with ``--debug``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Optional
+
+import click
+import typer
+
+from qtool import __version__
+from qtool.errors import QtoolError
+
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline LLM weight quantization: AWQ, GPTQ and RTN to GPTQ, AWQ, Marlin and compressed-tensors checkpoints.")
+
+
+class State:
+    json = False
+    quiet = False
+    debug = False
+
+
+STATE = State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable JSON result on stdout (no progress)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    STATE.json, STATE.quiet, STATE.debug = json_out, quiet, debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if (quiet or json_out) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _emit(result: dict, human: str) -> None:
+    if STATE.json:
+        sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
+    elif human:
+        print(human)
+
+
+def _run_with_progress(fn, *args, **kwargs) -> Any:
+    from qtool.progress import make_reporter
+
+    reporter = make_reporter(STATE.json, STATE.quiet)
+    try:
+        return fn(*args, progress=reporter or (lambda *a, **k: None), **kwargs)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+JsonOpt = typer.Option(False, "--json", help="Same as the global --json.")
+
+QUANTIZE_HELP = """Quantize MODEL (a local HF folder, a .gguf file or a hub id; omitted: the built-in
+SmolLM2-135M-Instruct) block by block and save a safetensors checkpoint.
+
+\b
+Formats and what they accept:
+  gptq               (default) any method; sym -> v1, asym -> v2 (gptq_v2); act-order via g_idx.
+  awq                AutoAWQ GEMM: asymmetric (zero points), 4-bit, no act-order g_idx.
+  marlin             Marlin tiles: k % 16, n % 64 (vLLM kernels need k % 128); act-order via perm.
+  compressed-tensors pack-quantized, as llm-compressor writes (vLLM's recommended format).
+GPTQ --act-order without --static-groups writes a non-monotone g_idx; kernels that need a
+monotone g_idx (exllama v1, some Marlin builds) want --static-groups.
+"""
+
+
+@app.command(help=QUANTIZE_HELP)
+def quantize(
+    model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output checkpoint folder (must not exist unless --force)."),
+    method: str = typer.Option("gptq", "--method", "-m", help="rtn | gptq | awq"),
+    bits: int = typer.Option(4, "--bits", help="4 or 8."),
+    group_size: int = typer.Option(0, "--group-size", "-g", help="32, 64, 128 or -1 (per channel); default: largest of 128/64/32 dividing every layer."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric (default: sym for rtn/gptq, asym for awq)."),
+    fmt: str = typer.Option("gptq", "--format", "-f", help="gptq | awq | marlin | compressed-tensors"),
+    gptq_version: int = typer.Option(0, "--gptq-version", help="GPTQ checkpoint_format 1 (gptq) or 2 (gptq_v2); default: 1 if sym else 2."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration .txt/.jsonl/.parquet file or pileval|c4|wikitext2 (default: bundled calib_data)."),
+    nsamples: int = typer.Option(128, "--nsamples", help="Calibration samples."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward chunk."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: process columns by decreasing Hessian diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fix groups before reordering (monotone g_idx)."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: later linears see quantized earlier ones."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ: dampening, fraction of the mean Hessian diagonal."),
+    block_size: int = typer.Option(128, "--block-size", help="GPTQ: lazy-update block width."),
+    awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: grid points for the scale exponent."),
+    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search weight clipping."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float16 | bfloat16 | float32 (load dtype)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (compute device; weights stay on CPU)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    json_out: bool = JsonOpt,
+) -> None:
+    from qtool.api import quantize as run_quantize
+    from qtool.config import QuantizeConfig
+
+    STATE.json = STATE.json or json_out
+    config = QuantizeConfig(method=method, bits=bits, group_size=group_size, sym=sym, format=fmt,
+                            gptq_version=gptq_version, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                            batch_size=batch_size, act_order=act_order, static_groups=static_groups,
+                            true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
+                            awq_clip=awq_clip)
+    result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force)
+    cfg = result["config"]
+    _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
+                  f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "
+                  f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s")
+
+
+@app.command(name="eval")
+def eval_cmd(
+    models: list[str] = typer.Argument(None, help="Models or checkpoints to evaluate side by side (default: the built-in model)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Float model for KL and top-1 agreement ('default' = built-in)."),
+    dataset: str = typer.Option("wikitext2", "--dataset", help="wikitext2 | c4 | pileval | a .txt/.jsonl/.parquet file."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Window stride (default: seqlen, non-overlapping)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Perplexity (protocol printed with the result) and divergence from a float baseline."""
+    from qtool.evaluate import evaluate, render_table
+
+    STATE.json = STATE.json or json_out
+    result = _run_with_progress(evaluate, models or [None], dataset=dataset, seqlen=seqlen, stride=stride,
+                                max_windows=max_windows, baseline=baseline, device=device)
+    _emit(result, render_table(result))
+
+
+@app.command()
+def inspect(
+    checkpoint: str = typer.Argument(..., help="A checkpoint folder written by qtool (or any quantized HF folder)."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute the sha256 of every file against qtool.json."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Method, bits, group size, format, per-layer error and calibration provenance."""
+    from qtool.api import inspect_checkpoint
+
+    STATE.json = STATE.json or json_out
+    info = inspect_checkpoint(checkpoint, verify=verify)
+    if info.get("qtool") is None and "method" not in info:
+        _emit(info, f"{checkpoint}: not written by qtool; quantization_config = {json.dumps(info['quantization_config'])}")
+        return
+    lines = [f"{checkpoint}: {info['method']} {info['bits']}-bit group {info['group_size']} "
+             f"{'sym' if info['sym'] else 'asym'}, format {info['format']}, qtool {info['qtool_version']}"]
+    cal = info.get("calibration")
+    lines.append(f"calibration: {cal['source']} ({cal['nsamples']} x {cal['seqlen']} tokens, sha256 {cal['tokens_sha256'][:12]})"
+                 if cal else "calibration: none (rtn)")
+    for name, stats in info["layers"].items():
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
+        lines.append(f"  {name}: {shown}")
+    if verify:
+        lines.append("files: all sha256 match" if info["verified"] else f"files: MISMATCH {info['mismatched_files']}")
+    _emit(info, "\n".join(lines))
+    if verify and not info["verified"]:
+        raise QtoolError(f"{len(info['mismatched_files'])} file(s) differ from qtool.json: the checkpoint was modified or is corrupt")
+
+
+def main() -> None:
+    try:
+        rv = app(standalone_mode=False)
+        code = rv if isinstance(rv, int) else EXIT_OK
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        code = EXIT_USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("qtool: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except QtoolError as exc:
+        if STATE.debug:
+            raise
+        print(f"qtool: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except Exception as exc:  # the last line of defence: one line plus how to see more
+        if STATE.debug:
+            raise
+        print(f"qtool: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", file=sys.stderr)
+        code = EXIT_INTERNAL
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Quantization options as one frozen, validated, versioned dataclass.
+
+The algorithm (``method``) and the packing ``format`` are separate axes; their
+compatibility is checked here and against the model's layer shapes (``check_model``)
+before any calibration work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from qtool.errors import UserInputError
+
+CONFIG_VERSION = 1
+METHODS = ("rtn", "gptq", "awq")
+GROUP_SIZE_CANDIDATES = (128, 64, 32)
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything that determines a quantization result (and its fingerprint).
+
+    ``group_size=0`` means "auto": resolved by ``resolve_group_size`` to the largest of
+    128/64/32 that divides every quantized layer's in_features. ``sym=None`` means the
+    method's default (symmetric for rtn/gptq, asymmetric for awq).
+    """
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 0
+    sym: bool | None = None
+    format: str = "gptq"
+    gptq_version: int = 0  # 0 = auto: v1 for symmetric, v2 for asymmetric
+    # calibration
+    calib: str | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    # GPTQ
+    act_order: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    # AWQ
+    awq_grid: int = 20
+    awq_clip: bool = True
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserInputError(f"unknown --method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.bits not in SUPPORTED_BITS:
+            raise UserInputError(f"--bits {self.bits} is not supported: use 4 or 8")
+        if self.group_size not in (0, *SUPPORTED_GROUP_SIZES):
+            raise UserInputError(
+                f"--group-size {self.group_size} is not supported: use one of -1, 32, 64, 128 (or omit it for auto)"
+            )
+        if self.nsamples < 1 or self.seqlen < 8:
+            raise UserInputError("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.batch_size < 1:
+            raise UserInputError("--batch-size must be >= 1")
+        if self.gptq_version not in (0, 1, 2):
+            raise UserInputError("--gptq-version must be 1 or 2")
+        if not 0 < self.damp < 1:
+            raise UserInputError(f"--damp {self.damp} must be in (0, 1); 0.01 is the usual value")
+        if self.block_size < 1:
+            raise UserInputError("--block-size must be >= 1")
+        if self.awq_grid < 1:
+            raise UserInputError("--awq-grid must be >= 1")
+        if self.static_groups and self.method != "gptq":
+            raise UserInputError("--static-groups only applies to --method gptq")
+
+    @property
+    def symmetric(self) -> bool:
+        if self.sym is not None:
+            return self.sym
+        return self.method != "awq"
+
+    @property
+    def uses_act_order(self) -> bool:
+        """Whether the checkpoint carries a non-trivial g_idx (GPTQ act-order without
+        static groups, and only with more than one group)."""
+        return self.method == "gptq" and self.act_order and not self.static_groups and self.group_size != -1
+
+    @property
+    def resolved_gptq_version(self) -> int:
+        if self.gptq_version:
+            return self.gptq_version
+        return 1 if self.symmetric else 2
+
+    def replace(self, **changes) -> "QuantizeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sym"] = self.symmetric
+        return d
+
+
+def resolve_group_size(config: QuantizeConfig, in_features: dict[str, int]) -> QuantizeConfig:
+    """Fix ``group_size`` against the model's layers (``name -> in_features``).
+
+    Auto picks the largest of 128/64/32 dividing every layer. An explicit size that does
+    not divide some layer is an error naming those layers and the sizes that would work.
+    """
+    if config.group_size == -1:
+        return config
+    workable = [g for g in GROUP_SIZE_CANDIDATES if all(k % g == 0 for k in in_features.values())]
+    if config.group_size == 0:
+        if not workable:
+            raise UserInputError(
+                "no group size of 128/64/32 divides every layer's in_features; use --group-size -1 (per channel)"
+            )
+        return config.replace(group_size=workable[0])
+    bad = {name: k for name, k in in_features.items() if k % config.group_size}
+    if bad:
+        shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        options = ", ".join(str(g) for g in [*workable, -1])
+        raise UserInputError(
+            f"--group-size {config.group_size} does not divide {shown}{more}; group sizes that work for this model: {options}"
+        )
+    return config

@@ -1,0 +1,165 @@
+"""Perplexity with a stated protocol (the GPTQ/AWQ WikiText-2 recipe by default).
+
+Protocol: the dataset's rows joined with "\\n\\n", tokenized once (the tokenizer's own
+BOS handling, as ``tokenizer(text)`` gives it), windows of ``seqlen`` tokens each run on
+its own (no context carried over). Non-overlapping by default (``stride == seqlen``,
+remainder dropped, every window predicts its ``seqlen - 1`` later tokens); with a smaller
+``stride`` each window predicts only its last ``stride`` tokens (the first window all of
+its tokens), so every token is counted once. ppl = exp(mean NLL over predicted tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qtool.errors import UserInputError
+
+EVAL_DATASETS = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "QTOOL_WIKITEXT2"),
+    "c4": ("allenai/c4", "en", "validation", "QTOOL_C4"),
+    "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "QTOOL_PILEVAL"),
+}
+JOIN = "\n\n"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    dataset: str
+    split: str
+    join: str
+    tokenizer: str
+    seqlen: int
+    stride: int
+    windows: int
+    tokens: int
+    bos: str
+
+    def describe(self) -> str:
+        return (f"{self.dataset} [{self.split}], rows joined with {json.dumps(self.join)}, tokenized once by "
+                f"{self.tokenizer} ({self.bos}); {self.windows} windows of {self.seqlen} tokens, stride {self.stride}, "
+                f"{self.tokens} predicted tokens, no context across windows")
+
+
+def _rows_from_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserInputError(f"dataset file {path} does not exist: check --dataset")
+    try:
+        if path.suffix == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        if path.suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                            raise UserInputError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from exc
+            return rows
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise UserInputError(f"{path} has no 'text' column")
+            return [t or "" for t in table.column("text").to_pylist()]
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"dataset file {path} is not UTF-8: convert it") from exc
+    raise UserInputError(f"dataset file {path} must end in .txt, .jsonl or .parquet")
+
+
+def load_eval_rows(dataset: str) -> tuple[list[str], str, str]:
+    """``(rows, dataset description, split)`` for a dataset name or a local file."""
+    if dataset in EVAL_DATASETS:
+        repo, config, split, env = EVAL_DATASETS[dataset]
+        local = os.environ.get(env)
+        if local:
+            return _rows_from_file(Path(local)), f"{dataset} (file {local})", split
+        try:
+            import datasets
+
+            rows = datasets.load_dataset(repo, config, split=split)["text"]
+        except Exception as exc:  # offline or missing: one message for the user
+            raise UserInputError(
+                f"could not load '{dataset}' through `datasets` ({type(exc).__name__}); offline, pass the file with "
+                f"--dataset PATH or set {env}=PATH"
+            ) from exc
+        return list(rows), f"{dataset} ({repo})", split
+    path = Path(dataset).expanduser()
+    return _rows_from_file(path), f"file {path}", "as given"
+
+
+def tokenize_rows(rows: list[str], tokenizer) -> torch.Tensor:
+    """int64 ``[1, T]``: the joined text tokenized once."""
+    text = JOIN.join(rows)
+    if not text.strip():
+        raise UserInputError("the evaluation dataset is empty: give a file with text")
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def windows(total: int, seqlen: int, stride: int, max_windows: int | None) -> list[tuple[int, int]]:
+    """``(start, first_predicted_offset)`` of every window; targets are positions
+    ``start + offset .. start + seqlen - 1`` (predicted from the tokens before them)."""
+    if total < seqlen:
+        raise UserInputError(
+            f"the evaluation text has {total} tokens, fewer than one window of --seqlen {seqlen}: "
+            "use a longer dataset or a smaller --seqlen"
+        )
+    out = []
+    for start in range(0, total - seqlen + 1, stride):
+        out.append((start, 1 if start == 0 or stride >= seqlen else seqlen - stride))
+        if max_windows and len(out) >= max_windows:
+            break
+    return out
+
+
+def check_seqlen(model, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise UserInputError(f"--seqlen {seqlen} is longer than the model's context ({limit}): use --seqlen {limit} or less")
+
+
+@torch.inference_mode()
+def window_logprobs(model, ids: torch.Tensor, start: int, offset: int, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities float32 ``[P, vocab]`` of the predicted positions of one window
+    and their targets int64 ``[P]``."""
+    x = ids[:, start : start + seqlen].to(device)
+    logits = model(x, use_cache=False).logits[0, offset - 1 : -1].float()
+    return F.log_softmax(logits, dim=-1), x[0, offset:]
+
+
+def perplexity(model, ids: torch.Tensor, seqlen: int, stride: int | None = None, max_windows: int | None = None,
+               device: str | torch.device = "cpu", progress: Callable[..., None] | None = None) -> dict:
+    """NLL sum, token count and ppl of ``model`` over the windows of ``ids`` ``[1, T]``."""
+    stride = stride or seqlen
+    check_seqlen(model, seqlen)
+    wins = windows(ids.shape[1], seqlen, stride, max_windows)
+    nll, count, t0 = 0.0, 0, time.perf_counter()
+    for i, (start, offset) in enumerate(wins):
+        logp, target = window_logprobs(model, ids, start, offset, seqlen, device)
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        count += target.numel()
+        if progress:
+            progress("window", index=i, total=len(wins))
+    return {"ppl": math.exp(nll / count), "nll": nll, "tokens": count, "windows": len(wins),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def protocol(dataset_desc: str, split: str, tokenizer, seqlen: int, stride: int | None, n_windows: int, tokens: int) -> Protocol:
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    bos = "BOS prepended by the tokenizer" if getattr(tokenizer, "add_bos_token", False) else "no BOS added"
+    return Protocol(dataset_desc, split, JOIN, os.path.basename(str(name).rstrip("/")) or str(name), seqlen,
+                    stride or seqlen, n_windows, tokens, bos)
+
+
+def protocol_dict(p: Protocol) -> dict:
+    return {**asdict(p), "description": p.describe()}

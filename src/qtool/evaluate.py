@@ -1,0 +1,127 @@
+"""``qtool eval``: several models or checkpoints on the same token windows, side by side:
+perplexity, difference to a float baseline, mean KL divergence from the baseline's
+next-token distribution and top-1 agreement with it, size on disk, time.
+
+All models are loaded once and the windows are visited one at a time; for each window the
+baseline's log-probabilities are computed once and compared with every model's, so no
+``[tokens, vocab]`` tensor for the whole set ever exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qtool.errors import UserInputError
+from qtool.eval import load_eval_rows, protocol, protocol_dict, tokenize_rows, window_logprobs, windows, check_seqlen
+
+
+def _size_on_disk(path: str | None) -> int | None:
+    if path is None or not Path(path).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: int = 2048, stride: int | None = None,
+             max_windows: int | None = None, baseline: str | None = None, device: str = "auto",
+             progress: Callable[..., None] = lambda *a, **k: None) -> dict[str, Any]:
+    """Evaluate ``models`` (None = built-in default) and return the protocol and one row
+    per model. ``baseline`` ('default' = built-in) adds KL and top-1 agreement."""
+    from qtool.api import load_any, resolve_device
+
+    if seqlen < 2:
+        raise UserInputError("--seqlen must be at least 2")
+    if stride is not None and not 0 < stride <= seqlen:
+        raise UserInputError(f"--stride must be between 1 and --seqlen ({seqlen})")
+    dev = resolve_device(device)
+    rows, desc, split = load_eval_rows(dataset)
+    names = [m if m is not None else "default" for m in models]
+    entries = []
+    for name, path in zip(names, models):
+        progress("stage", name="load", detail=name)
+        model, tok, info = load_any(path)
+        entries.append({"name": name, "path": path, "model": model.to(dev), "tok": tok, "info": info})
+    base = None
+    if baseline is not None:
+        progress("stage", name="load baseline", detail=baseline)
+        bmodel, btok, _ = load_any(None if baseline == "default" else baseline)
+        base = {"name": baseline, "model": bmodel.to(dev), "tok": btok}
+    fingerprints = {e["name"]: _tokenizer_fingerprint(e["tok"]) for e in entries + ([base] if base else [])}
+    if len(set(fingerprints.values())) > 1:
+        raise UserInputError(
+            f"the models use different tokenizers ({', '.join(fingerprints)}): evaluate them in separate calls"
+        )
+    tokenizer = entries[0]["tok"]
+    ids = tokenize_rows(rows, tokenizer)
+    for e in entries + ([base] if base else []):
+        check_seqlen(e["model"], seqlen)
+    wins = windows(ids.shape[1], seqlen, stride or seqlen, max_windows)
+    acc = {e["name"]: {"nll": 0.0, "kl": 0.0, "agree": 0, "seconds": 0.0} for e in entries}
+    base_acc = {"nll": 0.0, "seconds": 0.0}
+    count = 0
+    progress("eval", name=", ".join(names), total=len(wins))
+    for i, (start, offset) in enumerate(wins):
+        base_logp = None
+        if base is not None:
+            t0 = time.perf_counter()
+            base_logp, target = window_logprobs(base["model"], ids, start, offset, seqlen, dev)
+            base_acc["nll"] -= base_logp.gather(1, target[:, None]).sum().item()
+            base_acc["seconds"] += time.perf_counter() - t0
+        for e in entries:
+            t0 = time.perf_counter()
+            logp, target = window_logprobs(e["model"], ids, start, offset, seqlen, dev)
+            a = acc[e["name"]]
+            a["nll"] -= logp.gather(1, target[:, None]).sum().item()
+            if base_logp is not None:
+                # KL(base || model) per position, summed; float64 sum for stability
+                a["kl"] += (base_logp.exp() * (base_logp - logp)).sum(dim=-1).double().sum().item()
+                a["agree"] += int((base_logp.argmax(-1) == logp.argmax(-1)).sum().item())
+            a["seconds"] += time.perf_counter() - t0
+            del logp
+        count += target.numel()
+        progress("window", index=i, total=len(wins))
+    proto = protocol(desc, split, tokenizer, seqlen, stride, len(wins), count)
+    base_ppl = math.exp(base_acc["nll"] / count) if base is not None else None
+    results = []
+    for e in entries:
+        a = acc[e["name"]]
+        ppl = math.exp(a["nll"] / count)
+        results.append({
+            "model": e["name"], "quantized": e["info"]["quantized"], "ppl": ppl,
+            "delta_ppl": None if base_ppl is None else ppl - base_ppl,
+            "kl_mean": None if base is None else max(0.0, a["kl"] / count),
+            "top1_agreement": None if base is None else a["agree"] / count,
+            "size_bytes": _size_on_disk(e["path"]), "seconds": round(a["seconds"], 2), "tokens": count,
+            "tokens_per_s": round(count / a["seconds"], 1) if a["seconds"] else None,
+        })
+    out = {"protocol": protocol_dict(proto), "results": results}
+    if base is not None:
+        out["baseline"] = {"model": base["name"], "ppl": base_ppl, "seconds": round(base_acc["seconds"], 2)}
+    return out
+
+
+def render_table(result: dict) -> str:
+    """Plain-text table (rich renders the same content in a terminal via the CLI)."""
+    lines = [f"protocol: {result['protocol']['description']}"]
+    if "baseline" in result:
+        lines.append(f"baseline: {result['baseline']['model']} ppl {result['baseline']['ppl']:.4f}")
+    header = f"{'model':<40} {'ppl':>10} {'d ppl':>9} {'KL':>9} {'top1':>7} {'size MB':>9} {'time s':>8}"
+    lines += [header, "-" * len(header)]
+    for r in result["results"]:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        size = None if r["size_bytes"] is None else r["size_bytes"] / 1e6
+        top1 = None if r["top1_agreement"] is None else 100 * r["top1_agreement"]
+        lines.append(f"{r['model'][-40:]:<40} {r['ppl']:>10.4f} {fmt(r['delta_ppl'], '+9.4f')} {fmt(r['kl_mean'], '9.5f')} "
+                     f"{fmt(top1, '6.2f')}% {fmt(size, '9.1f')} {r['seconds']:>8.1f}")
+    return "\n".join(lines)

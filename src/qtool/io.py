@@ -1,0 +1,260 @@
+"""Checkpoint files: write a quantized model as sharded safetensors plus config,
+tokenizer and a ``qtool.json`` provenance file, atomically; read one back.
+
+Writing happens in a temporary sibling folder that is renamed into place only when every
+file is complete and verified, so the output path never holds a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qtool import __version__
+from qtool.errors import FormatError, UserInputError
+from qtool.pack import get_format
+from qtool.qtensor import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+QTOOL_JSON = "qtool.json"
+DEFAULT_SHARD_SIZE = "5GB"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SKIP_FILES = {"config.json", QTOOL_JSON, "model.safetensors.index.json", "pytorch_model.bin.index.json", "qtool-source.json"}
+
+
+def check_output_path(out: str | Path, force: bool) -> Path:
+    """Validate the output folder before any work: refuse an existing one unless
+    ``force``, and an unwritable parent."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise UserInputError(f"output {out} already exists: choose another -o/--output or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"output {out} exists and is not a folder: choose another -o/--output")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserInputError(f"the folder {parent} for the output does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(f"cannot write into {parent}: choose a writable -o/--output")
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain_state_dict(model, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Float tensors of everything not quantized; a tied lm_head is left out (the
+    embedding carries it)."""
+    state = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    embed = model.get_input_embeddings().weight
+    for key, tensor in model.state_dict().items():
+        module = key.rsplit(".", 1)[0]
+        if module in quantized:
+            continue
+        if tied and key.endswith("lm_head.weight") and tensor.data_ptr() == embed.data_ptr():
+            continue
+        state[key] = tensor.detach().contiguous().clone()
+    return state
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str) -> list[str]:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors")
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in sorted(keys)}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sorted(split.filename_to_tensors)
+
+
+def _copy_side_files(source_folder: str | None, tokenizer, model, folder: Path) -> None:
+    """Tokenizer, chat template and generation config, unchanged from the source."""
+    if source_folder is not None:
+        for f in sorted(Path(source_folder).iterdir()):
+            if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
+                shutil.copy2(f, folder / f.name)
+        return
+    tokenizer.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def format_options(fmt_name: str, config) -> dict:
+    return {"version": config.resolved_gptq_version} if fmt_name == "gptq" else {}
+
+
+def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None,
+                    qweights: dict[str, QuantizedWeight], config, provenance: dict,
+                    force: bool = False, max_shard_size: str = DEFAULT_SHARD_SIZE,
+                    verify_sample: int = 8) -> dict:
+    """Write the checkpoint and return the final ``qtool.json`` content."""
+    out = check_output_path(out, force)
+    fmt = get_format(config.format)
+    options = format_options(config.format, config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        state = _plain_state_dict(model, set(qweights))
+        for name in sorted(qweights):
+            for suffix, tensor in fmt.pack(qweights[name], **options).items():
+                state[f"{name}.{suffix}"] = tensor.contiguous()
+        shards = _write_shards(state, tmp, max_shard_size)
+        del state
+        cfg = model.config.to_dict()
+        cfg.pop("_name_or_path", None)
+        cfg["quantization_config"] = fmt.quantization_config(
+            config.bits, config.group_size, config.symmetric, config.uses_act_order, **options)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(source_folder, tokenizer, model, tmp)
+        _verify(tmp, fmt, qweights, config, options, verify_sample)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        record = {"qtool_version": __version__, "format": config.format, "format_options": options,
+                  "config": config.to_dict(), "shards": shards, **provenance, "files_sha256": files}
+        (tmp / QTOOL_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def _open_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def _verify(folder: Path, fmt, qweights: dict[str, QuantizedWeight], config, options: dict, sample: int) -> None:
+    """Read back up to ``sample`` layers (evenly spread) and require exact equality."""
+    names = sorted(qweights)
+    if not names:
+        return
+    step = max(1, len(names) // max(1, sample))
+    picked = names[::step][:sample]
+    tensors = _open_tensors(folder)
+    for name in picked:
+        qw = qweights[name]
+        layer = {s: tensors[f"{name}.{s}"] for s in fmt.TENSOR_SUFFIXES if f"{name}.{s}" in tensors}
+        if qw.bias is not None and f"{name}.bias" in tensors:
+            layer["bias"] = tensors[f"{name}.bias"]
+        back = fmt.unpack(layer, bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+                          out_features=qw.shape[0], in_features=qw.shape[1], **options)
+        if not torch.equal(back.dequantize(), qw.dequantize()):
+            raise FormatError(f"verification failed: {name} read back from the {config.format} checkpoint differs from the quantized result")
+
+
+def read_qtool_json(folder: str | Path) -> dict | None:
+    path = Path(folder) / QTOOL_JSON
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    major = lambda v: tuple(int(x) for x in str(v).split(".")[:2])  # noqa: E731
+    if major(record.get("qtool_version", "0.0")) > major(__version__):
+        raise UserInputError(
+            f"{folder} was written by qtool {record['qtool_version']}, newer than this qtool {__version__}: upgrade qtool"
+        )
+    return record
+
+
+def detect_format(folder: Path) -> tuple[str, dict] | None:
+    """The qtool format name and its options of a quantized checkpoint folder, or None
+    for a float model."""
+    record = read_qtool_json(folder)
+    if record is not None:
+        return record["format"], dict(record.get("format_options", {}))
+    cfg = json.loads((folder / "config.json").read_text())
+    qcfg = cfg.get("quantization_config")
+    if not qcfg:
+        return None
+    from qtool.pack import FORMATS
+
+    for name, fmt in FORMATS.items():
+        opts = fmt.options_from_config(qcfg)
+        if opts is not None:
+            return name, {k: v for k, v in opts.items() if k not in ("bits", "group_size", "sym", "act_order")}
+    raise UserInputError(
+        f"{folder}: quantization_config with quant_method '{qcfg.get('quant_method')}' is not a format qtool reads "
+        f"({', '.join(FORMATS)})"
+    )
+
+
+def read_quantized_layers(folder: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], str, dict]:
+    """Unpack every quantized linear of a checkpoint into the canonical form.
+
+    Returns ``(qweights by module name, remaining plain tensors, format name, config options)``."""
+    folder = Path(folder)
+    detected = detect_format(folder)
+    if detected is None:
+        raise UserInputError(f"{folder} is not a quantized checkpoint (no quantization_config)")
+    fmt_name, options = detected
+    fmt = get_format(fmt_name)
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    params = fmt.options_from_config(qcfg)
+    if params is None:
+        raise FormatError(f"{folder}: its quantization_config does not match format {fmt_name}")
+    tensors = _open_tensors(folder)
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[1] in fmt.TENSOR_SUFFIXES})
+    qweights = {}
+    for module in modules:
+        layer = {s: tensors.pop(f"{module}.{s}") for s in fmt.TENSOR_SUFFIXES if f"{module}.{s}" in tensors}
+        if f"{module}.bias" in tensors:
+            layer["bias"] = tensors.pop(f"{module}.bias")
+        n, k = fmt.layer_shape(layer, **{**params, **options})
+        qweights[module] = fmt.unpack(layer, bits=params["bits"], group_size=params["group_size"], sym=params["sym"],
+                                      out_features=n, in_features=k, **{**options, **{
+                                          kk: vv for kk, vv in params.items() if kk not in ("bits", "group_size", "sym", "act_order")}})
+    return qweights, tensors, fmt_name, params
+
+
+def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers model whose quantized linears hold the dequantized weights of the
+    checkpoint (the reference reading used on CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    qweights, plain, _, _ = read_quantized_layers(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v.to(dtype) for k, v in plain.items()}
+    for name, qw in qweights.items():
+        state[f"{name}.weight"] = qw.dequantize(torch.float32).to(dtype)
+        if qw.bias is not None:
+            state[f"{name}.bias"] = qw.bias.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise FormatError(f"{folder}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()

@@ -1,0 +1,71 @@
+"""Architecture registry: one declarative file per family, one line here per file.
+
+``spec_for(model)`` finds the family by ``config.model_type``. An unknown type gets the
+*generic Llama-like fallback* only when the model really has that layout (every block has
+the Llama module names with linear layers at each of them); otherwise the error lists the
+supported families.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch.nn as nn
+
+from qtool.errors import UnsupportedError
+from qtool.models import llama, mistral, qwen2, qwen3
+from qtool.models.base import ArchSpec, ScaleGroup
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[ArchSpec, ...] = (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC)
+
+__all__ = ["ArchSpec", "ScaleGroup", "FAMILIES", "spec_for", "get_blocks", "supported_model_types"]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in FAMILIES for t in spec.model_types)
+
+
+def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The decoder blocks of ``model`` at ``spec.blocks``."""
+    return model.get_submodule(spec.blocks)
+
+
+def _has_layout(model: nn.Module, spec: ArchSpec) -> bool:
+    try:
+        blocks = get_blocks(model, spec)
+    except AttributeError:
+        return False
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return False
+    for block in blocks:
+        for name in spec.linears:
+            try:
+                if not isinstance(block.get_submodule(name), nn.Linear):
+                    return False
+            except AttributeError:
+                return False
+    return True
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    """The ``ArchSpec`` of ``model`` (a transformers ``PreTrainedModel``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in FAMILIES:
+        if model_type in spec.model_types:
+            if not _has_layout(model, spec):
+                raise UnsupportedError(
+                    f"model_type '{model_type}' does not have the module layout qtool's "
+                    f"'{spec.name}' file describes; please report this model"
+                )
+            return spec
+    generic = replace(llama.SPEC, name=f"generic-llama-like ({model_type})", model_types=(str(model_type),))
+    if _has_layout(model, generic):
+        log.warning("architecture '%s' is not registered; using the generic Llama-like layout", model_type)
+        return generic
+    raise UnsupportedError(
+        f"unsupported architecture '{model_type}': qtool supports {', '.join(supported_model_types())} "
+        "(and Llama-like models with the same module names); add a file under qtool/models/ for it"
+    )

@@ -1,0 +1,232 @@
+"""The block-by-block loop: capture block-0 inputs, let the method quantize each block
+from its captured inputs, write the dequantized weights back, re-run the block to produce
+the next block's inputs, move on.
+
+Model weights stay on CPU; one block at a time visits the compute device. Calibration
+activations live as ``[batch, seqlen, hidden]`` chunks so no step holds more than one
+chunk's intermediate tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from qtool.config import QuantizeConfig
+from qtool.errors import NumericsError
+from qtool.models import ArchSpec, get_blocks
+from qtool.qtensor import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+
+def _no_progress(event: str, **info: Any) -> None:
+    pass
+
+
+@dataclass
+class LayerResult:
+    """What a method returns for one linear: the quantized form and numbers to report."""
+
+    qweight: QuantizedWeight
+    stats: dict = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every module a pass needs has run."""
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 to record its inputs, then stops the model's forward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        assert not args, "decoder blocks are called with keyword arguments"
+        self.hidden.append(hidden_states.detach())
+        self.kwargs.append(kwargs)
+        raise _StopForward
+
+
+def _to(obj, device, dtype=None):
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockInputs:
+    """Captured inputs of the current block: ``hidden[i]`` float ``[b, seqlen, h]`` and
+    the keyword arguments the model passed with it (masks, positions, rotary tables)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, batch_size: int,
+                   device: torch.device, dtype: torch.dtype) -> BlockInputs:
+    """Run the model up to block 0 on every calibration chunk and keep block 0's inputs."""
+    blocks = get_blocks(model, spec)
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    moved = [m for m in (model.get_input_embeddings(), getattr(model.model, "rotary_emb", None)) if m is not None]
+    try:
+        for m in moved:
+            m.to(device)
+        with torch.inference_mode():
+            for start in range(0, input_ids.shape[0], batch_size):
+                chunk = input_ids[start : start + batch_size].to(device)
+                try:
+                    model(input_ids=chunk, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        blocks[0] = catcher.block
+        for m in moved:
+            m.to("cpu")
+    hidden = [h.to("cpu", dtype) for h in catcher.hidden]
+    kwargs = [_to(kw, "cpu") for kw in catcher.kwargs]
+    return BlockInputs(hidden, kwargs)
+
+
+class BlockContext:
+    """What a method sees of one block: the block (on the compute device, in the compute
+    dtype), its captured inputs and helpers to run it with hooks."""
+
+    def __init__(self, block: nn.Module, index: int, spec: ArchSpec, config: QuantizeConfig,
+                 inputs: BlockInputs | None, device: torch.device, dtype: torch.dtype, prefix: str):
+        self.block, self.index, self.spec, self.config = block, index, spec, config
+        self.inputs, self.device, self.dtype, self.prefix = inputs, device, dtype, prefix
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.block.get_submodule(name)
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def run(self, hooks: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] | None = None,
+            collect_outputs: bool = False, block: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """Run ``block`` (default: this block) over every captured chunk.
+
+        ``hooks[name](x, y)`` is called with the input and output of submodule ``name``
+        (relative to the block) for each chunk. Without ``collect_outputs`` the forward
+        stops as soon as every hooked module has run, so collecting the inputs of early
+        linears costs only the part of the block before them."""
+        assert self.inputs is not None, "this method needs calibration inputs"
+        block = self.block if block is None else block
+        hooks = hooks or {}
+        seen: set[str] = set()
+
+        def make_hook(name, fn):
+            def hook(module, args, output):
+                fn(args[0], output)
+                seen.add(name)
+                if not collect_outputs and len(seen) == len(hooks):
+                    raise _StopForward
+
+            return hook
+
+        handles = [block.get_submodule(n).register_forward_hook(make_hook(n, f)) for n, f in hooks.items()]
+        outputs = [] if collect_outputs else None
+        try:
+            with torch.inference_mode():
+                for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
+                    seen.clear()
+                    try:
+                        out = block(_to(hidden, self.device), **_to(kwargs, self.device, self.dtype))
+                    except _StopForward:
+                        continue
+                    if collect_outputs:
+                        out = out[0] if isinstance(out, tuple) else out
+                        outputs.append(out.to("cpu"))
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def write_back(self, name: str, qweight: QuantizedWeight) -> None:
+        """Replace the float weight of linear ``name`` by the dequantized quantized one."""
+        lin = self.linear(name)
+        lin.weight.data = qweight.dequantize(torch.float32).to(lin.weight.device, lin.weight.dtype)
+
+
+class Method(Protocol):
+    """A quantization method: quantizes every linear of one block."""
+
+    name: str
+    needs_calibration: bool
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]: ...
+
+
+def check_finite(name: str, tensor: torch.Tensor, what: str = "weights") -> None:
+    if not torch.isfinite(tensor).all():
+        raise NumericsError(f"{name} has NaN or inf {what}: the model is corrupt or overflowed; check the source weights")
+
+
+def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: QuantizeConfig,
+                   input_ids: torch.Tensor | None, device: torch.device,
+                   progress: Progress = _no_progress, start_block: int = 0,
+                   on_block_done: Callable[[int, dict, BlockInputs | None], None] | None = None,
+                   inputs: BlockInputs | None = None) -> dict[str, LayerResult]:
+    """Quantize every block of ``model`` in place (weights are replaced by their
+    dequantized quantized values) and return the results by full module name.
+
+    ``start_block``/``inputs`` resume from a saved state; ``on_block_done(i, results,
+    next_inputs)`` is called after each block (the resume checkpoint hook)."""
+    blocks = get_blocks(model, spec)
+    compute_dtype = torch.float32 if device.type == "cpu" else next(model.parameters()).dtype
+    if method.needs_calibration and inputs is None:
+        assert input_ids is not None
+        progress("capture", total=input_ids.shape[0])
+        inputs = capture_inputs(model, spec, input_ids, config.batch_size, device, compute_dtype)
+    results: dict[str, LayerResult] = {}
+    progress("blocks", total=len(blocks), start=start_block)
+    for i in range(start_block, len(blocks)):
+        t0 = time.perf_counter()
+        block = blocks[i]
+        prefix = f"{spec.blocks}.{i}"
+        for name in spec.linears:
+            check_finite(f"{prefix}.{name}", block.get_submodule(name).weight)
+        original_dtype = next(block.parameters()).dtype
+        block.to(device=device, dtype=compute_dtype)
+        ctx = BlockContext(block, i, spec, config, inputs, device, compute_dtype, prefix)
+        block_results = method.quantize_block(ctx)
+        for name, res in block_results.items():
+            ctx.write_back(name, res.qweight)
+        if inputs is not None and i + 1 < len(blocks):
+            inputs = BlockInputs(ctx.run(collect_outputs=True), inputs.kwargs)
+            for h in inputs.hidden:
+                check_finite(f"{prefix} output", h, "activations")
+        block.to(device="cpu", dtype=original_dtype)
+        named = {f"{prefix}.{n}": r for n, r in block_results.items()}
+        results.update(named)
+        if on_block_done is not None:
+            on_block_done(i, named, inputs)
+        progress("block", index=i, total=len(blocks), seconds=time.perf_counter() - t0,
+                 layers={n: r.stats for n, r in named.items()})
+    return results

@@ -1,0 +1,138 @@
+"""Round-to-nearest (min-max) quantization primitives and the RTN method.
+
+These primitives are shared by every method: GPTQ calls ``group_qparams`` as its solver
+reaches each group and ``quantize_to_codes`` column by column; AWQ quantizes its scaled,
+clipped weights with ``rtn_quantize``.
+
+Scales are rounded to float16 *before* codes are computed, so the stored (code, fp16
+scale, zero) triple reproduces exactly the weight the method wrote back into the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qtool.qtensor import QuantizedWeight
+
+
+def group_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero for each row of ``w``.
+
+    Args:
+        w: float ``[n, m]``, the weights of one group (or clip-bounded ``[n, 2]``
+            ``(min, max)`` pairs: only the row min and max matter).
+        bits: code width.
+        sym: symmetric (zero = midpoint) or asymmetric.
+
+    Returns:
+        ``(scale, zero)``: scale float32 ``[n]`` holding float16-representable values,
+        zero float32 ``[n]`` holding integers in ``0 .. 2**bits - 1``.
+    """
+    w = w.float()
+    maxq = 2**bits - 1
+    # the range always includes 0 so that exact zeros stay exact (as GPTQ and llm-compressor)
+    wmin = torch.clamp(w.amin(dim=1), max=0.0)
+    wmax = torch.clamp(w.amax(dim=1), min=0.0)
+    return minmax_qparams(wmin, wmax, bits, sym, maxq)
+
+
+def minmax_qparams(
+    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool, maxq: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero from per-row ranges ``wmin <= 0 <= wmax`` (float ``[n]``)."""
+    maxq = 2**bits - 1 if maxq is None else maxq
+    if sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        wmin, wmax = -amax, amax
+    dead = (wmin == 0) & (wmax == 0)
+    wmin = torch.where(dead, -torch.ones_like(wmin), wmin)
+    wmax = torch.where(dead, torch.ones_like(wmax), wmax)
+    scale = ((wmax - wmin) / maxq).to(torch.float16)
+    # float16 underflow of a tiny range: use the smallest normal float16 instead of 0
+    scale = torch.clamp(scale, min=torch.finfo(torch.float16).tiny).float()
+    if sym:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_to_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Codes ``clamp(round(w / scale) + zero, 0, maxq)`` as float32 (same shape as ``w``);
+    ``scale`` and ``zero`` broadcast against ``w``."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * scale`` in float32 (exact for 4/8-bit codes and fp16 scales)."""
+    return (codes - zero) * scale
+
+
+def rtn_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    bias: torch.Tensor | None = None,
+    clip_max: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of one weight matrix.
+
+    Args:
+        weight: float ``[n, k]``.
+        bits: 4 or 8.
+        group_size: divides ``k``, or -1 for one group per row.
+        sym: symmetric or asymmetric.
+        bias: carried unchanged into the result.
+        clip_max: optional float ``[n, G]`` absolute bound per group (AWQ clipping):
+            the weights are clamped to ``[-clip_max, clip_max]`` before quantization.
+
+    Returns:
+        The canonical ``QuantizedWeight`` (contiguous groups, no ``g_idx``).
+    """
+    n, k = weight.shape
+    g = k if group_size == -1 else group_size
+    assert k % g == 0, (k, g)
+    w = weight.detach().float().reshape(n, k // g, g)  # [n, G, g]
+    if clip_max is not None:
+        bound = clip_max.float().unsqueeze(-1)  # [n, G, 1]
+        w = torch.maximum(torch.minimum(w, bound), -bound)
+    flat = w.reshape(-1, g)  # [n*G, g]
+    scale, zero = group_qparams(flat, bits, sym)
+    codes = quantize_to_codes(flat, scale[:, None], zero[:, None], bits)
+    num_groups = k // g
+    return QuantizedWeight(
+        codes=codes.reshape(n, k).to(torch.uint8),
+        scales=scale.reshape(n, num_groups).to(torch.float16),
+        zeros=None if sym else zero.reshape(n, num_groups).to(torch.uint8),
+        g_idx=None,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        bias=None if bias is None else bias.detach().clone(),
+    )
+
+
+def weight_error(weight: torch.Tensor, qweight: QuantizedWeight) -> float:
+    """Relative squared error ``||W - deq(Q)||^2 / ||W||^2`` of one layer."""
+    w = weight.detach().float()
+    return float(((w - qweight.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+class RTNMethod:
+    """Round-to-nearest on every linear; needs no calibration data."""
+
+    name = "rtn"
+    needs_calibration = False
+
+    def quantize_block(self, ctx) -> dict:
+        from qtool.pipeline import LayerResult
+
+        out = {}
+        for name in ctx.spec.linears:
+            lin = ctx.linear(name)
+            qw = rtn_quantize(lin.weight, ctx.config.bits, ctx.config.group_size, ctx.config.symmetric, lin.bias)
+            out[name] = LayerResult(qw, {"weight_rel_err": weight_error(lin.weight, qw)})
+        return out
