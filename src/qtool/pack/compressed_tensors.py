@@ -1,0 +1,246 @@
+"""compressed-tensors ``pack-quantized`` layout (llm-compressor; read by vLLM
+``compressed-tensors`` WNA16 and transformers ``CompressedTensorsConfig``), int 4/8-bit.
+
+Tensors of one quantized linear (``per = 32 // bits``):
+
+================== ======== ============== ==============================================
+suffix             dtype    shape          content
+================== ======== ============== ==============================================
+weight_packed      int32    [n, k/per]     codes packed along k per output row: field i
+                                           of ``weight_packed[j, w]`` = ``codes[j, per*w + i]``
+weight_scale       float16  [n, G]         scales, row = output channel
+weight_zero_point  int32    [n/per, G]     only asymmetric: logical zeros packed along
+                                           **n** (dim 0): field i of ``[r, g]`` = zero of
+                                           output ``per*r + i``, group g
+weight_shape       int64    [2]            ``[n, k]``
+weight_g_idx       int32    [k]            only act-order (``actorder: "group"``)
+bias               float16  [n]            only when the layer has a bias
+================== ======== ============== ==============================================
+
+Value convention (verified in compressed-tensors 0.20.0 ``compressors/pack_quantized``
+``pack_to_int32`` / ``unpack_from_int32`` and its ``forward.dequantize``, and in the older
+``compressors/quantized_compressors/pack_quantized.py``; vLLM's WNA16 scheme registers
+``weight_zero_point`` as ``[n // pack_factor, G]`` packed on the output dim):
+compressed-tensors quantizes to *signed* ints ``q`` in ``-2**(bits-1) .. 2**(bits-1)-1``
+with signed zero points ``zp`` and dequantizes ``(q - zp) * scale``; both are stored
+offset by ``2**(bits-1)``. Our unsigned code ``c = q + 8`` and logical zero ``z = zp + 8``
+(4-bit) therefore land in the fields unchanged: ``weight_packed`` fields are our codes,
+``weight_zero_point`` fields are our zeros, and ``(c - z) * s == (q - zp) * s``.
+Symmetric layers store no zero point (implicit ``zp = 0``, i.e. ``z = 8``).
+
+Act-order: a non-contiguous ``g_idx`` is written as ``weight_g_idx`` with
+``actorder: "group"``, which vLLM and compressed-tensors releases before its removal
+read. compressed-tensors 0.20.0 rejects ``actorder: "group"`` when parsing the config
+("removed ... 2026/08/27"), so such a checkpoint only loads with older releases; for
+act-order models the gptq format is the portable choice (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qtool.errors import FormatError, UnsupportedError
+from qtool.pack._bits import (
+    bias_tensors,
+    expect_shape,
+    fp16_scales,
+    group_count,
+    group_size_reason,
+    pack_words,
+    per_word,
+    read_bias,
+    unpack_words,
+)
+from qtool.qtensor import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+NAME = "compressed-tensors"
+TENSOR_SUFFIXES = (
+    "weight_packed",
+    "weight_scale",
+    "weight_zero_point",
+    "weight_shape",
+    "weight_g_idx",
+)
+SUPPORTED_BITS = (4, 8)
+
+
+def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> str | None:
+    """Config-level reason why pack-quantized cannot store these options, or ``None``."""
+    if bits not in SUPPORTED_BITS:
+        return f"bits={bits} is not supported by the compressed-tensors writer; use --bits 4 or 8"
+    if group_size != -1 and group_size <= 0:
+        return f"group_size={group_size} is invalid; use a positive group size or -1 (channel)"
+    return None
+
+
+def check_layer(
+    n: int, k: int, bits: int, group_size: int, sym: bool, act_order: bool, **options
+) -> str | None:
+    """Reason why a ``[n, k]`` layer cannot be stored as pack-quantized, or ``None``."""
+    reason = check_options(bits, group_size, sym, act_order, **options)
+    if reason:
+        return reason
+    per = per_word(bits)
+    if k % per:
+        return (
+            f"k={k} is not a multiple of {per} (weight_packed holds {per} codes per int32); "
+            f"use a model with k % {per} == 0"
+        )
+    if not sym and n % per:
+        return (
+            f"n={n} is not a multiple of {per} (weight_zero_point packs {per} zeros per int32 "
+            "along n); use --sym true"
+        )
+    return group_size_reason(k, group_size)
+
+
+def pack(qw: QuantizedWeight, **options) -> dict[str, torch.Tensor]:
+    """On-disk tensors of one linear (see the module docstring for layouts).
+
+    Raises:
+        UnsupportedError: shape or options outside the format (see :func:`check_layer`).
+    """
+    n, k = qw.shape
+    reason = check_layer(n, k, qw.bits, qw.group_size, qw.sym, qw.g_idx is not None)
+    if reason:
+        raise UnsupportedError(f"compressed-tensors: {reason}")
+    out = {
+        "weight_packed": pack_words(qw.codes, qw.bits),  # [n, k/per]
+        "weight_scale": qw.scales.contiguous(),  # [n, G]
+        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+    if not qw.sym:
+        out["weight_zero_point"] = pack_words(qw.zeros.T, qw.bits).T.contiguous()  # [n/per, G]
+    if qw.g_idx is not None:
+        out["weight_g_idx"] = qw.g_idx.contiguous()
+    out.update(bias_tensors(qw.bias))
+    return out
+
+
+def unpack(
+    tensors: dict[str, torch.Tensor],
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    out_features: int,
+    in_features: int,
+    **options,
+) -> QuantizedWeight:
+    """Exact inverse of :func:`pack`.
+
+    Raises:
+        FormatError: tensors of the wrong shape/dtype, or ``weight_shape`` disagreeing with
+            ``(out_features, in_features)``.
+    """
+    n, k, where = out_features, in_features, "compressed-tensors unpack"
+    reason = check_layer(n, k, bits, group_size, sym, False)
+    if reason:
+        raise FormatError(f"{where}: {reason}")
+    per, G = per_word(bits), group_count(k, group_size)
+    if "weight_shape" in tensors and tensors["weight_shape"].tolist() != [n, k]:
+        raise FormatError(f"{where}: weight_shape {tensors['weight_shape'].tolist()} != [{n}, {k}]")
+    packed = expect_shape(tensors, "weight_packed", (n, k // per), torch.int32, where)
+    scales = fp16_scales(expect_shape(tensors, "weight_scale", (n, G), "float", where), where)
+    zeros = None
+    if not sym:
+        zp = expect_shape(tensors, "weight_zero_point", (n // per, G), torch.int32, where)
+        zeros = unpack_words(zp.T, bits).T.contiguous()  # [G, n/per] -> [G, n] -> [n, G]
+    g_idx = None
+    if "weight_g_idx" in tensors:
+        g_idx = expect_shape(tensors, "weight_g_idx", (k,), "int", where).to(torch.int32)
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= G:
+            raise FormatError(f"{where}: weight_g_idx values outside 0..{G - 1}")
+    return QuantizedWeight(
+        codes=unpack_words(packed, bits),  # [n, k]
+        scales=scales.contiguous(),
+        zeros=zeros,
+        g_idx=g_idx,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        bias=read_bias(tensors, n, where),
+    )
+
+
+def quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> dict:
+    """compressed-tensors' own ``quantization_config`` with one config group targeting
+    ``Linear`` (``lm_head`` ignored), ``strategy "group"`` or ``"channel"`` (group -1),
+    status ``compressed``. ``actorder`` is ``"group"`` only for act-order with groups."""
+    act_order = bool(act_order and group_size != -1)
+    if act_order:
+        logger.warning(
+            "compressed-tensors: actorder='group' (weight_g_idx) is rejected by "
+            "compressed-tensors >= 0.20; use --format gptq for a portable act-order checkpoint"
+        )
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "strategy": "channel" if group_size == -1 else "group",
+        "group_size": None if group_size == -1 else group_size,
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": "group" if act_order else None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def options_from_config(cfg: dict) -> dict:
+    """``{bits, group_size, sym, act_order}`` from a compressed-tensors config with one
+    pack-quantized int weight scheme (the form :func:`quantization_config` writes and
+    llm-compressor's W4A16/W8A16 presets produce)."""
+    where = "compressed-tensors config"
+    if cfg.get("quant_method") != "compressed-tensors":
+        raise FormatError(
+            f"{where}: quant_method {cfg.get('quant_method')!r} is not 'compressed-tensors'"
+        )
+    groups = cfg.get("config_groups") or {}
+    if len(groups) != 1:
+        raise UnsupportedError(f"{where}: {len(groups)} config groups; qtool reads exactly one")
+    scheme = next(iter(groups.values()))
+    fmt = scheme.get("format") or cfg.get("format")
+    if fmt != "pack-quantized":
+        raise UnsupportedError(f"{where}: format {fmt!r} is not 'pack-quantized'")
+    weights = scheme.get("weights") or {}
+    if weights.get("type", "int") != "int" or scheme.get("input_activations") is not None:
+        raise UnsupportedError(f"{where}: only int weight-only schemes are supported")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise UnsupportedError(f"{where}: strategy {strategy!r} is not 'group' or 'channel'")
+    return {
+        "bits": int(weights["num_bits"]),
+        "group_size": -1 if strategy == "channel" else int(weights["group_size"]),
+        "sym": bool(weights.get("symmetric", True)),
+        "act_order": weights.get("actorder") in ("group", "dynamic"),
+    }
+
+
+def layer_shape(tensors: dict[str, torch.Tensor], **options) -> tuple[int, int]:
+    """``(out_features, in_features)`` from the stored ``weight_shape``."""
+    n, k = (int(v) for v in tensors["weight_shape"].tolist())
+    return n, k
