@@ -98,6 +98,10 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         calib = load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
     results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev, progress)
     t_quant = time.perf_counter()
+    if config.awq_save_search:
+        from qtool.awq.search_io import save_search
+
+        save_search(config.awq_save_search, method.search_results)
     progress("stage", name="save", detail=str(output))
     provenance = {
         "model": {"source": source.display, "kind": source.kind, "architecture": spec.name},

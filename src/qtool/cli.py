@@ -12,8 +12,12 @@ import logging
 import sys
 from typing import Any, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.26 vendors its own click
+    from typer import _click as click
+except ImportError:  # older typer uses the click package
+    import click
 
 from qtool import __version__
 from qtool.errors import QtoolError
@@ -47,8 +51,20 @@ def _global(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     STATE.json, STATE.quiet, STATE.debug = json_out, quiet, debug
+    _silence_libraries()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if (quiet or json_out) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _silence_libraries() -> None:
+    """qtool owns the progress display: the libraries' own bars and info logs stay off."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _emit(result: dict, human: str) -> None:
@@ -68,8 +84,6 @@ def _run_with_progress(fn, *args, **kwargs) -> Any:
         if reporter is not None:
             reporter.close()
 
-
-JsonOpt = typer.Option(False, "--json", help="Same as the global --json.")
 
 QUANTIZE_HELP = """Quantize MODEL (a local HF folder, a .gguf file or a hub id; omitted: the built-in
 SmolLM2-135M-Instruct) block by block and save a safetensors checkpoint.
@@ -107,20 +121,20 @@ def quantize(
     block_size: int = typer.Option(128, "--block-size", help="GPTQ: lazy-update block width."),
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: grid points for the scale exponent."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search weight clipping."),
+    save_search: Optional[str] = typer.Option(None, "--save-search", help="AWQ: also write the search results (scales, clip bounds) to this file."),
+    load_search: Optional[str] = typer.Option(None, "--load-search", help="AWQ: apply search results from --save-search instead of searching (no calibration)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float16 | bfloat16 | float32 (load dtype)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (compute device; weights stay on CPU)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    json_out: bool = JsonOpt,
 ) -> None:
     from qtool.api import quantize as run_quantize
     from qtool.config import QuantizeConfig
 
-    STATE.json = STATE.json or json_out
     config = QuantizeConfig(method=method, bits=bits, group_size=group_size, sym=sym, format=fmt,
                             gptq_version=gptq_version, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                             batch_size=batch_size, act_order=act_order, static_groups=static_groups,
                             true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
-                            awq_clip=awq_clip)
+                            awq_clip=awq_clip, awq_save_search=save_search, awq_load_search=load_search)
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force)
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
@@ -137,12 +151,10 @@ def eval_cmd(
     stride: Optional[int] = typer.Option(None, "--stride", help="Window stride (default: seqlen, non-overlapping)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    json_out: bool = JsonOpt,
 ) -> None:
     """Perplexity (protocol printed with the result) and divergence from a float baseline."""
     from qtool.evaluate import evaluate, render_table
 
-    STATE.json = STATE.json or json_out
     result = _run_with_progress(evaluate, models or [None], dataset=dataset, seqlen=seqlen, stride=stride,
                                 max_windows=max_windows, baseline=baseline, device=device)
     _emit(result, render_table(result))
@@ -152,12 +164,10 @@ def eval_cmd(
 def inspect(
     checkpoint: str = typer.Argument(..., help="A checkpoint folder written by qtool (or any quantized HF folder)."),
     verify: bool = typer.Option(False, "--verify", help="Recompute the sha256 of every file against qtool.json."),
-    json_out: bool = JsonOpt,
 ) -> None:
     """Method, bits, group size, format, per-layer error and calibration provenance."""
     from qtool.api import inspect_checkpoint
 
-    STATE.json = STATE.json or json_out
     info = inspect_checkpoint(checkpoint, verify=verify)
     if info.get("qtool") is None and "method" not in info:
         _emit(info, f"{checkpoint}: not written by qtool; quantization_config = {json.dumps(info['quantization_config'])}")
@@ -177,16 +187,27 @@ def inspect(
         raise QtoolError(f"{len(info['mismatched_files'])} file(s) differ from qtool.json: the checkpoint was modified or is corrupt")
 
 
+GLOBAL_FLAGS = ("--json", "--quiet", "-q", "--debug")
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """Let the global flags stand anywhere (``qtool quantize ... --json``), as users type them."""
+    if "--" in argv:
+        return argv
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
 def main() -> None:
     try:
-        rv = app(standalone_mode=False)
+        rv = app(args=_hoist_global_flags(sys.argv[1:]), prog_name="qtool", standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
     except click.exceptions.UsageError as exc:
         exc.show()
         code = EXIT_USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("qtool: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except QtoolError as exc:

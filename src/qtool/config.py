@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qtool.errors import UserInputError
 
@@ -49,6 +50,8 @@ class QuantizeConfig:
     # AWQ
     awq_grid: int = 20
     awq_clip: bool = True
+    awq_save_search: str | None = None  # write the AWQ search results (scales, clip bounds) here
+    awq_load_search: str | None = None  # apply these search results instead of searching
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -72,6 +75,10 @@ class QuantizeConfig:
             raise UserInputError("--block-size must be >= 1")
         if self.awq_grid < 1:
             raise UserInputError("--awq-grid must be >= 1")
+        if (self.awq_save_search or self.awq_load_search) and self.method != "awq":
+            raise UserInputError("--save-search/--load-search only apply to --method awq")
+        if self.awq_load_search and not Path(self.awq_load_search).is_file():
+            raise UserInputError(f"--load-search {self.awq_load_search} does not exist: pass a file written by --save-search")
         if self.static_groups and self.method != "gptq":
             raise UserInputError("--static-groups only applies to --method gptq")
 

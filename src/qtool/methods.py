@@ -17,6 +17,7 @@ def get_method(config: QuantizeConfig):
         return GPTQMethod()
     if config.method == "awq":
         from qtool.awq.method import AWQMethod
+        from qtool.awq.search_io import load_search
 
-        return AWQMethod()
+        return AWQMethod(load_search=load_search(config.awq_load_search) if config.awq_load_search else None)
     raise UserInputError(f"unknown method {config.method}")

@@ -11,8 +11,8 @@ from typing import Any
 class PlainReporter:
     """One line per stage/block on stderr (CI logs, pipes)."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
 
     def __call__(self, event: str, **info: Any) -> None:

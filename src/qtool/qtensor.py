@@ -88,6 +88,12 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight ``[n, k]``. The product ``(code - zero) * scale`` is exact in
         float32, so this equals any correct reader of any format, bit for bit."""
+        n, k = self.codes.shape
+        g = k if self.group_size == -1 else self.group_size
+        if self.g_idx is None and k % g == 0:
+            codes = self.codes.float().view(n, k // g, g)  # [n, G, g]
+            z = self.zeros_or_midpoint().float().unsqueeze(-1)  # [n, G, 1]
+            return ((codes - z) * self.scales.float().unsqueeze(-1)).view(n, k).to(dtype)
         gi = self.group_index()
         s = self.scales.float()[:, gi]  # [n, k]
         z = self.zeros_or_midpoint().float()[:, gi]  # [n, k]

@@ -115,10 +115,10 @@ def rtn_quantize(
     )
 
 
-def weight_error(weight: torch.Tensor, qweight: QuantizedWeight) -> float:
-    """Relative squared error ``||W - deq(Q)||^2 / ||W||^2`` of one layer."""
+def weight_error(weight: torch.Tensor, dequantized: torch.Tensor) -> float:
+    """Relative squared error ``||W - W_q||^2 / ||W||^2`` of one layer."""
     w = weight.detach().float()
-    return float(((w - qweight.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+    return float(((w - dequantized) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
 
 
 class RTNMethod:
@@ -134,5 +134,5 @@ class RTNMethod:
         for name in ctx.spec.linears:
             lin = ctx.linear(name)
             qw = rtn_quantize(lin.weight, ctx.config.bits, ctx.config.group_size, ctx.config.symmetric, lin.bias)
-            out[name] = LayerResult(qw, {"weight_rel_err": weight_error(lin.weight, qw)})
+            out[name] = LayerResult(qw, {"weight_rel_err": weight_error(lin.weight, qw.dequantize())})
         return out

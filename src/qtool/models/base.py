@@ -40,6 +40,9 @@ class ArchSpec:
         sequential: linears grouped in execution order; linears of one tuple see the same
             input, and later tuples see inputs produced by earlier (quantized) ones.
         scale_groups: AWQ scaling groups in execution order.
+        no_clip: linears AWQ does not clip. Queries and keys meet in the attention
+            scores, where a clipped outlier moves the softmax far more than the linear's
+            own output error shows (the paper's choice).
     """
 
     name: str
@@ -47,6 +50,7 @@ class ArchSpec:
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
     scale_groups: tuple[ScaleGroup, ...]
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:
