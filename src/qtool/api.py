@@ -162,3 +162,39 @@ def inspect_checkpoint(path: str | Path, verify: bool = False) -> dict:
 
 
 __all__ = ["quantize", "inspect_checkpoint", "load_any", "plan", "resolve_device", "__version__"]
+
+
+def check_checkpoint(path: str | Path, *, sample: int | None = None, kernel: str = "auto", seed: int = 0,
+                     progress: Progress = _quiet) -> dict:
+    """Run quantized layers of a checkpoint through the dequant-matmul kernel and the torch
+    reference on random inputs; report the worst relative error per layer.
+
+    GPTQ and Marlin checkpoints run in their own layout; AWQ and compressed-tensors layers
+    are repacked to the GPTQ layout first (as serving engines do at load time)."""
+    from qtool.io import read_quantized_layers
+    from qtool.kernels.check import check_layers
+
+    qweights, _, fmt_name, _ = read_quantized_layers(path)
+    kernel_fmt = fmt_name if fmt_name in ("gptq", "marlin") else "gptq"
+    packer = get_format(kernel_fmt)
+    layers = {}
+    for name, qw in qweights.items():
+        version = 1 if qw.sym else 2
+        tensors = packer.pack(qw, version=version)
+        layers[name] = (kernel_fmt, tensors, {"bits": qw.bits, "version": version, "group_size": qw.group_size})
+    total = len(layers)
+    count = min(sample, total) if sample else total
+    progress("eval", name="check", total=count)
+    done = []
+
+    def step(name: str) -> None:
+        progress("window", index=len(done), total=count)
+        done.append(name)
+
+    t0 = time.perf_counter()
+    results = check_layers(layers, sample=sample, kernel=kernel, seed=seed, progress=step)
+    rows = [{"layer": r.name, "format": r.format, "worst_rel_error": r.worst_rel_error, "ok": r.ok, "error": r.error}
+            for r in results]
+    return {"path": str(path), "format": fmt_name, "kernel_layout": kernel_fmt, "kernel": kernel,
+            "layers_total": total, "layers_checked": len(rows), "ok": all(r["ok"] for r in rows),
+            "seconds": round(time.perf_counter() - t0, 2), "layers": rows}

@@ -142,6 +142,24 @@ def quantize(
                   f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s")
 
 
+@app.command()
+def convert(
+    checkpoint: str = typer.Argument(..., help="A quantized checkpoint folder (gptq, awq, marlin or compressed-tensors)."),
+    to: str = typer.Option(..., "--to", "-t", help="gptq | awq | marlin | compressed-tensors"),
+    output: str = typer.Option(..., "-o", "--output", help="Output checkpoint folder (must not exist unless --force)."),
+    gptq_version: int = typer.Option(0, "--gptq-version", help="--to gptq: checkpoint_format 1 (gptq) or 2 (gptq_v2); default: 1 if sym else 2."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Repack CHECKPOINT in another format, exactly (same codes, scales, zeros, g_idx);
+    a conversion that would change any weight is refused before anything is written."""
+    from qtool.convert import convert_checkpoint
+
+    result = _run_with_progress(convert_checkpoint, checkpoint, to, output, gptq_version=gptq_version or None, force=force)
+    source = result["converted_from"][-1]
+    _emit({"output": output, **result},
+          f"wrote {output}: {source['format']} -> {result['format']}, read back and verified")
+
+
 @app.command(name="eval")
 def eval_cmd(
     models: list[str] = typer.Argument(None, help="Models or checkpoints to evaluate side by side (default: the built-in model)."),
@@ -196,6 +214,43 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
         return argv
     flags = [a for a in argv if a in GLOBAL_FLAGS]
     return flags + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
+@app.command()
+def check(
+    checkpoint: str = typer.Argument(..., help="A quantized checkpoint folder."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Check this many layers, drawn with --seed (default: all on GPU, 16 on CPU)."),
+    kernel: str = typer.Option("auto", "--kernel", help="auto | triton | torch (auto: Triton on CUDA, the Triton interpreter on CPU)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the layer sample and the random inputs."),
+) -> None:
+    """Run quantized layers through the Triton dequant-matmul kernel and the torch reference; exit 1 on a mismatch."""
+    import os
+
+    import torch
+
+    if kernel not in ("auto", "triton", "torch"):
+        raise typer.BadParameter("use auto, triton or torch", param_hint="--kernel")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and kernel != "torch":
+        # no GPU: Triton's interpreter runs the same kernels on CPU (set before triton is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if sample is None:
+            sample = 16
+    from qtool.api import check_checkpoint
+    from qtool.kernels import available_kernels
+
+    if kernel == "auto":
+        kernel = "triton" if "triton" in available_kernels() else "torch"
+    result = _run_with_progress(check_checkpoint, checkpoint, sample=sample, kernel=kernel, seed=seed)
+    bad = [r for r in result["layers"] if not r["ok"]]
+    lines = [f"{checkpoint}: {result['layers_checked']} of {result['layers_total']} layers through the {kernel} kernel "
+             f"({result['kernel_layout']} layout) in {result['seconds']:.1f}s"]
+    for r in result["layers"]:
+        lines.append(f"  {'ok ' if r['ok'] else 'BAD'} {r['layer']}: worst relative error {r['worst_rel_error']:.3g}"
+                     + (f" ({r['error']})" if r["error"] else ""))
+    _emit(result, "\n".join(lines))
+    if bad:
+        raise QtoolError(f"{len(bad)} layer(s) differ from the reference beyond tolerance, e.g. {bad[0]['layer']}")
 
 
 def main() -> None:
