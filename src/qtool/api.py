@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -74,13 +75,17 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
 
 
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
-             device: str = "auto", force: bool = False, progress: Progress = _quiet) -> dict:
+             device: str = "auto", force: bool = False, resume: bool = False, progress: Progress = _quiet) -> dict:
     """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
-    Returns the ``qtool.json`` record."""
+
+    Finished blocks are saved in a work folder beside the output; SIGINT/SIGTERM stop at
+    the next block boundary and ``resume=True`` continues from there (byte-identical to an
+    uninterrupted run). Returns the ``qtool.json`` record."""
     from qtool.calib import load_calibration
     from qtool.io import save_checkpoint
     from qtool.methods import get_method
-    from qtool.pipeline import quantize_model
+    from qtool.pipeline import BlockInputs, capture_inputs, quantize_model
+    from qtool.resume import WorkDir, fingerprint, model_fingerprint
 
     t_start = time.perf_counter()
     check_output_path(output, force)
@@ -96,26 +101,87 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     if method.needs_calibration:
         progress("stage", name="calibration data", detail=config.calib or "bundled calib_data")
         calib = load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
-    results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev, progress)
-    t_quant = time.perf_counter()
-    if config.awq_save_search:
-        from qtool.awq.search_io import save_search
+    fp = fingerprint(model_fingerprint(folder, None if folder else source.path),
+                     None if calib is None else calib.sha256, {**config.to_dict(), "dtype": dtype, "device": dev.type})
+    work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp)
+    blocks = get_blocks(hf_model, spec)
+    start, done, inputs = work.next_block, {}, None
+    if start:
+        progress("stage", name="resume", detail=f"{start}/{len(blocks)} blocks already done in {work.path}")
+        done, extras = work.load_blocks(blocks, spec.blocks)
+        if hasattr(method, "restore"):
+            method.restore(extras)
+        if calib is not None and start < len(blocks):
+            dtype_c = torch.float32 if dev.type == "cpu" else next(hf_model.parameters()).dtype
+            captured = capture_inputs(hf_model, spec, calib.input_ids, config.batch_size, dev, dtype_c)
+            inputs = BlockInputs(work.load_inputs(), captured.kwargs)
 
-        save_search(config.awq_save_search, method.search_results)
+    block_delay = float(os.environ.get("QTOOL_TEST_BLOCK_DELAY", "0"))  # lets tests interrupt mid-loop
+
+    def checkpoint_block(index, block, prefix, named, next_hidden):
+        extra = method.block_state(prefix) if hasattr(method, "block_state") else None
+        work.save_block(index, block, prefix, named, next_hidden, extra)
+        if block_delay:
+            time.sleep(block_delay)
+
+    with _stop_on_signals() as stop:
+        results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev,
+                                 progress, start_block=start, on_block_done=checkpoint_block, inputs=inputs,
+                                 should_stop=stop) if start < len(blocks) else {}
+    results = {**done, **results}
+    t_quant = time.perf_counter()
     progress("stage", name="save", detail=str(output))
     provenance = {
         "model": {"source": source.display, "kind": source.kind, "architecture": spec.name},
         "calibration": None if calib is None else calib.provenance(),
         "seed": config.seed,
         "layers": {name: {"shape": list(shapes[name]), **res.stats} for name, res in sorted(results.items())},
-        "timings_s": {"load": round(t_loaded - t_start, 2), "quantize": round(t_quant - t_loaded, 2)},
         "torch_version": torch.__version__,
         "device": dev.type,
+        # the only run-dependent entries of qtool.json (with per-layer "seconds")
+        "timings_s": {"load": round(t_loaded - t_start, 2), "quantize": round(t_quant - t_loaded, 2)},
+        "resumed_from_block": start,
     }
+    if hasattr(method, "finish"):
+        method.finish(output)
     record = save_checkpoint(output, hf_model, tokenizer, folder, {n: r.qweight for n, r in results.items()},
                              config, provenance, force=force)
+    work.remove()
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     return {"output": str(output), **record}
+
+
+class _stop_on_signals:
+    """Within the block loop, SIGINT/SIGTERM ask for a stop at the next block boundary
+    (after its progress is saved); a second signal interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return lambda: self.requested
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after the current block (again to stop now)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def load_any(path: str | None, dtype: torch.dtype = torch.float32):

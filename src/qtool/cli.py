@@ -126,6 +126,7 @@ def quantize(
     dtype: str = typer.Option("auto", "--dtype", help="auto | float16 | bfloat16 | float32 (load dtype)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (compute device; weights stay on CPU)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work folder (same model, data and options)."),
 ) -> None:
     from qtool.api import quantize as run_quantize
     from qtool.config import QuantizeConfig
@@ -135,7 +136,8 @@ def quantize(
                             batch_size=batch_size, act_order=act_order, static_groups=static_groups,
                             true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
                             awq_clip=awq_clip, awq_save_search=save_search, awq_load_search=load_search)
-    result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force)
+    result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
+                                resume=resume)
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
                   f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from qtool.config import QuantizeConfig
-from qtool.errors import NumericsError
+from qtool.errors import NumericsError, QtoolError
 from qtool.models import ArchSpec, get_blocks
 from qtool.qtensor import QuantizedWeight
 
@@ -191,17 +191,20 @@ def check_finite(name: str, tensor: torch.Tensor, what: str = "weights") -> None
 def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: QuantizeConfig,
                    input_ids: torch.Tensor | None, device: torch.device,
                    progress: Progress = _no_progress, start_block: int = 0,
-                   on_block_done: Callable[[int, dict, BlockInputs | None], None] | None = None,
-                   inputs: BlockInputs | None = None) -> dict[str, LayerResult]:
+                   on_block_done: Callable[[int, nn.Module, str, dict, list | None], None] | None = None,
+                   inputs: BlockInputs | None = None,
+                   should_stop: Callable[[], bool] = lambda: False) -> dict[str, LayerResult]:
     """Quantize every block of ``model`` in place (weights are replaced by their
     dequantized quantized values) and return the results by full module name.
 
-    ``start_block``/``inputs`` resume from a saved state; ``on_block_done(i, results,
-    next_inputs)`` is called after each block (the resume checkpoint hook)."""
+    ``start_block``/``inputs`` resume from a saved state (``inputs`` then holds the
+    inputs of block ``start_block``); ``on_block_done(i, block, prefix, results,
+    next_hidden)`` is called after each block (the resume checkpoint hook), and
+    ``should_stop()`` is asked after it: True raises ``Interrupted``."""
     blocks = get_blocks(model, spec)
     compute_dtype = torch.float32 if device.type == "cpu" else next(model.parameters()).dtype
     if method.needs_calibration and inputs is None:
-        assert input_ids is not None
+        assert input_ids is not None and start_block == 0
         progress("capture", total=input_ids.shape[0])
         inputs = capture_inputs(model, spec, input_ids, config.batch_size, device, compute_dtype)
     results: dict[str, LayerResult] = {}
@@ -226,7 +229,16 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
         named = {f"{prefix}.{n}": r for n, r in block_results.items()}
         results.update(named)
         if on_block_done is not None:
-            on_block_done(i, named, inputs)
+            on_block_done(i, block, prefix, named, inputs.hidden if inputs is not None and i + 1 < len(blocks) else None)
         progress("block", index=i, total=len(blocks), seconds=time.perf_counter() - t0,
                  layers={n: r.stats for n, r in named.items()})
+        if should_stop() and i + 1 < len(blocks):
+            raise Interrupted(f"interrupted after block {i + 1}/{len(blocks)}; progress is saved: rerun the same "
+                              "command with --resume to continue")
     return results
+
+
+class Interrupted(QtoolError):
+    """The user stopped the run (SIGINT/SIGTERM) at a block boundary; work was saved."""
+
+    exit_code = 130

@@ -1,0 +1,122 @@
+"""Reliability for CI use: interrupt (SIGINT, SIGKILL) and resume to byte-identical
+files, byte-identical reruns, sha256 verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_mini_model
+from helpers import run_cli
+
+RUN_DEPENDENT = ("timings_s", "resumed_from_block")
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file; qtool.json without its run-dependent entries (timings)."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        if f.name == "qtool.json":
+            record = json.loads(data)
+            for key in RUN_DEPENDENT:
+                record.pop(key, None)
+            for stats in record["layers"].values():
+                stats.pop("seconds", None)
+            data = json.dumps(record, sort_keys=True).encode()
+        out[f.name] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep_mini(tmp_path_factory, default_model_dir):
+    return make_mini_model(tmp_path_factory.mktemp("deep") / "m", "llama", default_model_dir, num_hidden_layers=5)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "c.txt"
+    path.write_text("\n".join(f"Line {i}: numbers {i * 31 % 97} and words about item {i}." for i in range(600)))
+    return path
+
+
+def quantize_cmd(model, out, calib, *extra):
+    return [sys.executable, "-m", "qtool", "-q", "quantize", str(model), "--method", "gptq", "-g", "64",
+            "--calib", str(calib), "--nsamples", "8", "--seqlen", "64", "-o", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, deep_mini, calib_file):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    subprocess.run(quantize_cmd(deep_mini, out, calib_file), check=True)
+    return out
+
+
+def _interrupt(cmd, out: Path, sig: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QTOOL_TEST_BLOCK_DELAY": "0.5"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    state = out.parent / f"{out.name}.qtool-work" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["next_block"] >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupt_then_resume_is_byte_identical(tmp_path, deep_mini, calib_file, reference_run, sig):
+    out = tmp_path / "out"
+    cmd = quantize_cmd(deep_mini, out, calib_file)
+    res = _interrupt(cmd, out, sig)
+    if sig == signal.SIGINT:
+        assert res.returncode == 130, res.stderr
+        assert "--resume" in res.stderr
+    else:
+        assert res.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing half-written under the output path
+    work = tmp_path / "out.qtool-work"
+    assert 2 <= json.loads((work / "state.json").read_text())["next_block"] < 5
+    subprocess.run(cmd + ["--resume"], check=True)
+    assert file_digests(out) == file_digests(reference_run)
+    assert not work.exists()  # cleaned up after success
+    assert json.loads((out / "qtool.json").read_text())["resumed_from_block"] >= 2
+
+
+def test_rerun_gives_identical_files(tmp_path, deep_mini, calib_file, reference_run):
+    out = tmp_path / "again"
+    subprocess.run(quantize_cmd(deep_mini, out, calib_file), check=True)
+    assert file_digests(out) == file_digests(reference_run)
+
+
+def test_resume_refuses_a_different_run(capsys, tmp_path, deep_mini, calib_file):
+    out = tmp_path / "out"
+    res = _interrupt(quantize_cmd(deep_mini, out, calib_file), out, signal.SIGINT)
+    assert res.returncode == 130
+    changed = run_cli(capsys, "quantize", deep_mini, "--method", "gptq", "-g", "32", "--calib", calib_file,
+                      "--nsamples", "8", "--seqlen", "64", "-o", out, "--resume")
+    assert changed.code == 1 and "option group_size" in changed.err and "differ" in changed.err
+    nothing = run_cli(capsys, "quantize", deep_mini, "--method", "rtn", "-o", tmp_path / "other", "--resume")
+    assert nothing.code == 1 and "nothing to resume" in nothing.err
+
+
+def test_inspect_verify_detects_modified_file(capsys, tmp_path, reference_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference_run, copy)
+    assert run_cli(capsys, "inspect", copy, "--verify").code == 0
+    with open(copy / "config.json", "a") as f:
+        f.write(" ")
+    res = run_cli(capsys, "inspect", copy, "--verify")
+    assert res.code == 1 and "config.json" in res.out
