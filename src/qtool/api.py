@@ -50,8 +50,12 @@ def check_format_options(config: QuantizeConfig) -> None:
 def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, tuple[int, int]]]:
     """Architecture, resolved config and the quantized layers' shapes; every shape or
     format constraint is checked here, before calibration."""
+    from qtool.pipeline import check_finite
+
     spec = spec_for(model)
     blocks = get_blocks(model, spec)
+    for name, param in model.named_parameters():
+        check_finite(name, param)
     shapes = {}
     for i, block in enumerate(blocks):
         for name in spec.linears:

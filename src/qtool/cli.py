@@ -256,6 +256,7 @@ def check(
 
 
 def main() -> None:
+    STATE.json = STATE.quiet = STATE.debug = False
     try:
         rv = app(args=_hoist_global_flags(sys.argv[1:]), prog_name="qtool", standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
@@ -272,6 +273,8 @@ def main() -> None:
             raise
         print(f"qtool: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+        if STATE.json:
+            _emit({"error": {"message": str(exc), "type": type(exc).__name__, "exit_code": code}}, "")
     except click.exceptions.ClickException as exc:
         exc.show()
         code = exc.exit_code

@@ -191,7 +191,7 @@ def load_model(source: ModelSource, dtype: str = "auto"):
 
 def _check_weights(folder: Path) -> None:
     """Fail early and clearly on missing or corrupt safetensors files."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files and not list(folder.glob("*.bin")):
@@ -209,5 +209,5 @@ def _check_weights(folder: Path) -> None:
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_len + end > size:
                 raise ValueError("file is shorter than its header says (truncated)")
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise UserInputError(f"{f} is corrupt or truncated ({str(exc)[:100]}): re-download or re-copy it") from exc
