@@ -4,8 +4,12 @@ These primitives are shared by every method: GPTQ calls ``group_qparams`` as its
 reaches each group and ``quantize_to_codes`` column by column; AWQ quantizes its scaled,
 clipped weights with ``rtn_quantize``.
 
-Scales are rounded to float16 *before* codes are computed, so the stored (code, fp16
-scale, zero) triple reproduces exactly the weight the method wrote back into the model.
+Codes are computed with the exact float32 scale; the scale is then stored as float16 and
+every dequantization (the write-back into the model, GPTQ's error feedback, every reader)
+uses that stored float16 value, so the checkpoint reproduces exactly the weight the method
+wrote back. Rounding the scale to float16 *before* choosing codes looks tidier but shifts
+rounding ties systematically: on SmolLM2 (whose weights sit on a Q4_1 grid) it cost 0.9
+perplexity for symmetric RTN (26.85 -> 27.72 on 8 WikiText-2 windows).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ def group_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, 
         sym: symmetric (zero = midpoint) or asymmetric.
 
     Returns:
-        ``(scale, zero)``: scale float32 ``[n]`` holding float16-representable values,
-        zero float32 ``[n]`` holding integers in ``0 .. 2**bits - 1``.
+        ``(scale, zero)``: scale float32 ``[n]`` (exact; stored as float16 by
+        ``storage_scale``), zero float32 ``[n]`` holding integers in ``0 .. 2**bits - 1``.
     """
     w = w.float()
     maxq = 2**bits - 1
@@ -47,9 +51,8 @@ def minmax_qparams(
     dead = (wmin == 0) & (wmax == 0)
     wmin = torch.where(dead, -torch.ones_like(wmin), wmin)
     wmax = torch.where(dead, torch.ones_like(wmax), wmax)
-    scale = ((wmax - wmin) / maxq).to(torch.float16)
-    # float16 underflow of a tiny range: use the smallest normal float16 instead of 0
-    scale = torch.clamp(scale, min=torch.finfo(torch.float16).tiny).float()
+    # a range so tiny that its float16 scale would underflow gets the smallest normal one
+    scale = torch.clamp((wmax - wmin) / maxq, min=torch.finfo(torch.float16).tiny)
     if sym:
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
@@ -65,9 +68,15 @@ def quantize_to_codes(
     return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
 
 
+def storage_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The float32 value of the float16 scale that is stored."""
+    return scale.to(torch.float16).float()
+
+
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``(codes - zero) * scale`` in float32 (exact for 4/8-bit codes and fp16 scales)."""
-    return (codes - zero) * scale
+    """``(codes - zero) * stored scale`` in float32 (exact for 4/8-bit codes and fp16
+    scales), i.e. what every reader of the checkpoint computes."""
+    return (codes - zero) * storage_scale(scale)
 
 
 def rtn_quantize(
