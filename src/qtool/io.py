@@ -14,13 +14,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qtool import __version__
-from qtool.errors import FormatError, UserInputError
+from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.pack import get_format
 from qtool.qtensor import QuantizedWeight
 
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 QTOOL_JSON = "qtool.json"
 DEFAULT_SHARD_SIZE = "5GB"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-SKIP_FILES = {"config.json", QTOOL_JSON, "model.safetensors.index.json", "pytorch_model.bin.index.json", "qtool-source.json"}
+# quantize_config.json (AutoGPTQ) and quant_config.json (AutoAWQ) describe a source's format,
+# which the written checkpoint replaces with its own config.json -> quantization_config
+SKIP_FILES = {"config.json", QTOOL_JSON, "model.safetensors.index.json", "pytorch_model.bin.index.json", "qtool-source.json",
+              "quantize_config.json", "quant_config.json"}
 
 
 def check_output_path(out: str | Path, force: bool) -> Path:
@@ -85,7 +89,7 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
     return sorted(split.filename_to_tensors)
 
 
-def _copy_side_files(source_folder: str | None, tokenizer, model, folder: Path) -> None:
+def copy_side_files(source_folder: str | None, tokenizer, model, folder: Path) -> None:
     """Tokenizer, chat template and generation config, unchanged from the source."""
     if source_folder is not None:
         for f in sorted(Path(source_folder).iterdir()):
@@ -107,26 +111,54 @@ def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None
                     verify_sample: int = 8) -> dict:
     """Write the checkpoint and return the final ``qtool.json`` content."""
     out = check_output_path(out, force)
-    fmt = get_format(config.format)
     options = format_options(config.format, config)
+    model_config = model.config.to_dict()
+    model_config.pop("_name_or_path", None)
+    quant_config = get_format(config.format).quantization_config(
+        config.bits, config.group_size, config.symmetric, config.uses_act_order, **options)
+    record = {"qtool_version": __version__, "format": config.format, "format_options": options,
+              "config": config.to_dict(), **provenance}
+    return write_checkpoint(
+        out, _plain_state_dict(model, set(qweights)), qweights, config.format, options, model_config, quant_config,
+        lambda folder: copy_side_files(source_folder, tokenizer, model, folder), record,
+        force=force, max_shard_size=max_shard_size, verify_sample=verify_sample)
+
+
+def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight],
+                     fmt_name: str, options: dict, model_config: dict, quant_config: dict,
+                     side_files: Callable[[Path], None], record: dict, *, force: bool = False,
+                     max_shard_size: str = DEFAULT_SHARD_SIZE, verify_sample: int = 8) -> dict:
+    """The one writer behind ``save_checkpoint`` and ``convert_checkpoint``.
+
+    Packs every layer of ``qweights`` in ``fmt_name`` (with the format ``options``) before
+    touching the disk, so a layer the format cannot hold raises ``UnsupportedError`` naming
+    it and nothing is written. Then writes, in a temporary sibling of ``out``: the shards
+    (``plain`` tensors unchanged plus the packed ones, keys sorted), ``config.json``
+    (``model_config`` with ``quantization_config = quant_config``), the side files
+    (``side_files(folder)`` copies them), reads a sample of layers back (a mismatch raises
+    ``FormatError``), writes ``qtool.json`` (``record`` plus ``shards`` and
+    ``files_sha256``) and renames the folder into place. Returns the ``qtool.json`` content.
+    """
+    out = check_output_path(out, force)
+    fmt = get_format(fmt_name)
+    state = dict(plain)
+    for name in sorted(qweights):
+        try:
+            packed = fmt.pack(qweights[name], **options)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{name}: {exc}") from None
+        for suffix, tensor in packed.items():
+            state[f"{name}.{suffix}"] = tensor.contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
-        state = _plain_state_dict(model, set(qweights))
-        for name in sorted(qweights):
-            for suffix, tensor in fmt.pack(qweights[name], **options).items():
-                state[f"{name}.{suffix}"] = tensor.contiguous()
         shards = _write_shards(state, tmp, max_shard_size)
         del state
-        cfg = model.config.to_dict()
-        cfg.pop("_name_or_path", None)
-        cfg["quantization_config"] = fmt.quantization_config(
-            config.bits, config.group_size, config.symmetric, config.uses_act_order, **options)
+        cfg = {**model_config, "quantization_config": quant_config}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(source_folder, tokenizer, model, tmp)
-        _verify(tmp, fmt, qweights, config, options, verify_sample)
+        side_files(tmp)
+        _verify(tmp, fmt, qweights, options, verify_sample)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        record = {"qtool_version": __version__, "format": config.format, "format_options": options,
-                  "config": config.to_dict(), "shards": shards, **provenance, "files_sha256": files}
+        record = {**record, "shards": shards, "files_sha256": files}
         (tmp / QTOOL_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -153,7 +185,7 @@ def _open_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _verify(folder: Path, fmt, qweights: dict[str, QuantizedWeight], config, options: dict, sample: int) -> None:
+def _verify(folder: Path, fmt, qweights: dict[str, QuantizedWeight], options: dict, sample: int) -> None:
     """Read back up to ``sample`` layers (evenly spread) and require exact equality."""
     names = sorted(qweights)
     if not names:
@@ -169,7 +201,7 @@ def _verify(folder: Path, fmt, qweights: dict[str, QuantizedWeight], config, opt
         back = fmt.unpack(layer, bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
                           out_features=qw.shape[0], in_features=qw.shape[1], **options)
         if not torch.equal(back.dequantize(), qw.dequantize()):
-            raise FormatError(f"verification failed: {name} read back from the {config.format} checkpoint differs from the quantized result")
+            raise FormatError(f"verification failed: {name} read back from the {fmt.NAME} checkpoint differs from the quantized result")
 
 
 def read_qtool_json(folder: str | Path) -> dict | None:
@@ -197,13 +229,18 @@ def detect_format(folder: Path) -> tuple[str, dict] | None:
         return None
     from qtool.pack import FORMATS
 
+    reasons = []
     for name, fmt in FORMATS.items():
-        opts = fmt.options_from_config(qcfg)
+        try:
+            opts = fmt.options_from_config(qcfg)
+        except (FormatError, UnsupportedError) as exc:  # not this format: try the next one
+            reasons.append(str(exc))
+            continue
         if opts is not None:
             return name, {k: v for k, v in opts.items() if k not in ("bits", "group_size", "sym", "act_order")}
     raise UserInputError(
         f"{folder}: quantization_config with quant_method '{qcfg.get('quant_method')}' is not a format qtool reads "
-        f"({', '.join(FORMATS)})"
+        f"({', '.join(FORMATS)}): {'; '.join(reasons)}"
     )
 
 
