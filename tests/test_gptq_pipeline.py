@@ -94,3 +94,33 @@ def test_incompatible_format_option_rejected_before_calibration(capsys, tmp_path
 def test_no_true_sequential_runs(capsys, tmp_path, mini_llama, calib_txt):
     record = _quantize(capsys, mini_llama, tmp_path / "nts", calib_txt, "--method", "gptq", "--no-true-sequential")
     assert record["config"]["true_sequential"] is False and len(record["layers"]) == 14
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_replayed_stages_equal_rerunning_the_block(mini_models, family):
+    """The fast path (cached intermediate tensors) gives bit-identical codes and block
+    outputs to re-running the whole block for every true-sequential stage."""
+    from dataclasses import replace as dc_replace
+
+    from transformers import AutoTokenizer
+
+    from qtool.config import QuantizeConfig
+    from qtool.gptq.method import GPTQMethod
+    from qtool.loading import load_model, resolve
+    from qtool.models import spec_for
+    from qtool.pipeline import quantize_model
+
+    tok = AutoTokenizer.from_pretrained(mini_models[family])
+    ids = tok(" ".join(f"token run {i} with numbers {i * 13}" for i in range(200)), return_tensors="pt").input_ids
+    ids = ids[0, : 4 * 64].reshape(4, 64)
+    config = QuantizeConfig(method="gptq", group_size=64, nsamples=4, seqlen=64, batch_size=2)
+    results = []
+    for fast in (True, False):
+        model, _, _ = load_model(resolve(str(mini_models[family])))
+        spec = spec_for(model)
+        if not fast:
+            spec = dc_replace(spec, attention=None, mlp=None)
+        results.append(quantize_model(model, spec, GPTQMethod(), config, ids, torch.device("cpu")))
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        assert results[0][name].qweight.equal(results[1][name].qweight), name

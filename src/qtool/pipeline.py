@@ -121,6 +121,9 @@ class BlockContext:
                  inputs: BlockInputs | None, device: torch.device, dtype: torch.dtype, prefix: str):
         self.block, self.index, self.spec, self.config = block, index, spec, config
         self.inputs, self.device, self.dtype, self.prefix = inputs, device, dtype, prefix
+        # a method that already computed the block's quantized outputs (one chunk each,
+        # on CPU) leaves them here and the pipeline skips its own forward
+        self.outputs: list[torch.Tensor] | None = None
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
@@ -167,6 +170,34 @@ class BlockContext:
             for h in handles:
                 h.remove()
         return outputs
+
+    def collect_inputs(self, fns: dict[str, Callable[[torch.Tensor], None]], block: nn.Module | None = None) -> None:
+        """Call ``fns[name](x)`` with the input of submodule ``name`` for every chunk,
+        stopping each chunk's forward *before* the last of them computes anything."""
+        block = self.block if block is None else block
+        seen: set[str] = set()
+
+        def make_hook(name, fn):
+            def hook(module, args):
+                fn(args[0])
+                seen.add(name)
+                if len(seen) == len(fns):
+                    raise _StopForward
+
+            return hook
+
+        handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n, f)) for n, f in fns.items()]
+        try:
+            with torch.inference_mode():
+                for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
+                    seen.clear()
+                    try:
+                        block(_to(hidden, self.device), **_to(kwargs, self.device, self.dtype))
+                    except _StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
 
     def write_back(self, name: str, qweight: QuantizedWeight) -> None:
         """Replace the float weight of linear ``name`` by the dequantized quantized one."""
@@ -222,7 +253,8 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
         for name, res in block_results.items():
             ctx.write_back(name, res.qweight)
         if inputs is not None and i + 1 < len(blocks):
-            inputs = BlockInputs(ctx.run(collect_outputs=True), inputs.kwargs)
+            outputs = ctx.outputs if ctx.outputs is not None else ctx.run(collect_outputs=True)
+            inputs = BlockInputs(outputs, inputs.kwargs)
             for h in inputs.hidden:
                 check_finite(f"{prefix} output", h, "activations")
         block.to(device="cpu", dtype=original_dtype)

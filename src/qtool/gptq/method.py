@@ -1,14 +1,48 @@
 """GPTQ as a pipeline method: per block, accumulate each linear's Hessian from its
 calibration inputs and solve, group by group in execution order (true-sequential), so
-later linears see inputs produced by the already-quantized earlier ones."""
+later linears see inputs produced by the already-quantized earlier ones.
+
+When the architecture file declares the attention/MLP structure, the stages replay cached
+intermediate tensors (the o_proj input, the attention output, the MLP input, the
+down_proj input) instead of re-running the block from its input for every stage: the
+whole block then costs about one forward pass plus the Hessians, and the block's output
+for the next block comes out of the last stage for free. The result is identical to the
+re-running path (same tensors, same order of operations).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
 
 from qtool.gptq.hessian import HessianAccumulator
 from qtool.gptq.solver import gptq_quantize
-from qtool.pipeline import BlockContext, LayerResult
+from qtool.pipeline import BlockContext, LayerResult, _StopForward
+
+
+class _Replay(nn.Module):
+    """Stands in for a submodule and returns its precomputed output for each chunk, in
+    order (as a tuple with ``None`` attention weights when ``as_tuple``)."""
+
+    def __init__(self, outputs: list[torch.Tensor], as_tuple: bool):
+        super().__init__()
+        self.outputs, self.as_tuple, self.calls = outputs, as_tuple, 0
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.calls]
+        self.calls += 1
+        return (out, None) if self.as_tuple else out
+
+
+def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
 
 class GPTQMethod:
@@ -16,34 +50,97 @@ class GPTQMethod:
     needs_calibration = True
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]:
-        cfg = ctx.config
-        stages = ctx.spec.sequential if cfg.true_sequential else (ctx.spec.linears,)
-        if not cfg.true_sequential:
-            # one pass collects every input; linears that share an input share a Hessian
-            stages = (tuple(name for group in ctx.spec.sequential for name in group),)
-        out: dict[str, LayerResult] = {}
-        for stage in stages:
-            # linears of one execution group (q/k/v, gate/up) read the same input tensor
-            sources = [group[0] for group in ctx.spec.sequential if group[0] in stage]
-            accs = {src: HessianAccumulator(ctx.linear(src).in_features, ctx.full_name(src), device=ctx.device)
-                    for src in sources}
-            ctx.run(hooks={src: (lambda acc: lambda x, y: acc.add(x))(accs[src]) for src in sources})
-            for group in ctx.spec.sequential:
-                if group[0] not in accs:
-                    continue
-                hessian = accs[group[0]].hessian
-                for name in group:
-                    lin = ctx.linear(name)
-                    t0 = time.perf_counter()
-                    res = gptq_quantize(lin.weight, hessian, bits=cfg.bits, group_size=cfg.group_size,
-                                        sym=cfg.symmetric, act_order=cfg.act_order, static_groups=cfg.static_groups,
-                                        block_size=cfg.block_size, damp=cfg.damp, name=ctx.full_name(name))
-                    qw = res.qweight
-                    if lin.bias is not None:
-                        from dataclasses import replace
+        self.out: dict[str, LayerResult] = {}
+        spec = ctx.spec
+        if ctx.config.true_sequential and spec.attention and spec.mlp and len(spec.sequential) == 4:
+            self._replayed_stages(ctx)
+        else:
+            stages = spec.sequential if ctx.config.true_sequential else (spec.linears,)
+            for stage in stages:
+                hessians = self._hessians(ctx, [g[0] for g in spec.sequential if g[0] in stage])
+                for group in spec.sequential:
+                    if group[0] in hessians:
+                        self._solve(ctx, group, hessians[group[0]])
+        return self.out
 
-                        qw = replace(qw, bias=lin.bias.detach().to("cpu").clone())
-                    ctx.write_back(name, qw)
-                    out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used,
-                                                 "seconds": round(time.perf_counter() - t0, 3)})
-        return out
+    # -- pieces -------------------------------------------------------------------------
+
+    def _hessians(self, ctx: BlockContext, sources: list[str]) -> dict[str, torch.Tensor]:
+        """Hessians of the inputs of ``sources``; linears of one execution group (q/k/v,
+        gate/up) read the same input, so one Hessian serves the whole group."""
+        accs = {s: HessianAccumulator(ctx.linear(s).in_features, ctx.full_name(s), device=ctx.device) for s in sources}
+        ctx.collect_inputs({s: accs[s].add for s in sources})
+        return {s: acc.hessian for s, acc in accs.items()}
+
+    def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessian: torch.Tensor) -> None:
+        cfg = ctx.config
+        for name in group:
+            lin = ctx.linear(name)
+            t0 = time.perf_counter()
+            res = gptq_quantize(lin.weight, hessian, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.symmetric,
+                                act_order=cfg.act_order, static_groups=cfg.static_groups, block_size=cfg.block_size,
+                                damp=cfg.damp, name=ctx.full_name(name))
+            qw = res.qweight
+            if lin.bias is not None:
+                qw = replace(qw, bias=lin.bias.detach().to("cpu").clone())
+            ctx.write_back(name, qw)
+            self.out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used,
+                                              "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _replayed_stages(self, ctx: BlockContext) -> None:
+        spec, block, dev = ctx.spec, ctx.block, ctx.device
+        qkv, (o_name,), up_group, (down_name,) = spec.sequential
+        # 1. q/k/v: their input is the normed block input
+        self._solve(ctx, qkv, self._hessians(ctx, [qkv[0]])[qkv[0]])
+        # 2. o_proj: its input is the attention with quantized q/k/v
+        o_inputs: list[torch.Tensor] = []
+        acc = HessianAccumulator(ctx.linear(o_name).in_features, ctx.full_name(o_name), device=dev)
+        ctx.collect_inputs({o_name: lambda x: (acc.add(x), o_inputs.append(x.clone()))})
+        self._solve(ctx, (o_name,), acc.hessian)
+        # 3. gate/up: replay the attention as quantized o_proj(cached input)
+        o_proj = ctx.linear(o_name)
+        with torch.inference_mode():
+            attn_out = [o_proj(x) for x in o_inputs]
+        del o_inputs
+        mlp_inputs: list[torch.Tensor] = []
+        acc = HessianAccumulator(ctx.linear(up_group[0]).in_features, ctx.full_name(up_group[0]), device=dev)
+        attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
+        try:
+            ctx.collect_inputs({spec.mlp: lambda x: (acc.add(x), mlp_inputs.append(x.clone()))})
+        finally:
+            _swap(block, spec.attention, attention)
+        self._solve(ctx, up_group, acc.hessian)
+        # 4. down_proj: run only the MLP (with quantized gate/up) on the cached MLP input
+        mlp = block.get_submodule(spec.mlp)
+        down_inputs: list[torch.Tensor] = []
+        acc = HessianAccumulator(ctx.linear(down_name).in_features, ctx.full_name(down_name), device=dev)
+
+        def record(module, args):
+            acc.add(args[0])
+            down_inputs.append(args[0].clone())
+            raise _StopForward  # down_proj itself is not quantized yet: skip computing it
+
+        hook = ctx.linear(down_name).register_forward_pre_hook(record)
+        try:
+            with torch.inference_mode():
+                for x in mlp_inputs:
+                    try:
+                        mlp(x)
+                    except _StopForward:
+                        pass
+        finally:
+            hook.remove()
+        del mlp_inputs
+        self._solve(ctx, (down_name,), acc.hessian)
+        # 5. the block's output: both halves replayed from the cached tensors
+        down = ctx.linear(down_name)
+        with torch.inference_mode():
+            mlp_out = [down(x) for x in down_inputs]
+        del down_inputs
+        attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
+        mlp = _swap(block, spec.mlp, _Replay(mlp_out, as_tuple=False))
+        try:
+            ctx.outputs = ctx.run(collect_outputs=True)
+        finally:
+            _swap(block, spec.attention, attention)
+            _swap(block, spec.mlp, mlp)

@@ -50,6 +50,8 @@ class ArchSpec:
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
     scale_groups: tuple[ScaleGroup, ...]
+    attention: str | None = None
+    mlp: str | None = None
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property

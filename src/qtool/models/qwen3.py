@@ -9,4 +9,6 @@ SPEC = ArchSpec(
     blocks="model.layers",
     sequential=LLAMA_LIKE_SEQUENTIAL,
     scale_groups=LLAMA_LIKE_SCALE_GROUPS,
+    attention="self_attn",
+    mlp="mlp",
 )
