@@ -27,6 +27,9 @@ class HessianAccumulator:
         self.name = name
         self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._nsamples = 0
+        parts = max(1, min(4, in_features // 256))
+        edges = [round(i * in_features / parts) for i in range(parts + 1)]
+        self._panels = list(zip(edges[:-1], edges[1:]))
 
     @property
     def nsamples(self) -> int:
@@ -35,9 +38,11 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """float32 ``[k, k]``, symmetric PSD. The live buffer: callers must not modify it
-        (``gptq_quantize`` works on a copy)."""
-        return self._h
+        """float32 ``[k, k]``, symmetric PSD (a new tensor)."""
+        h = self._h.clone()
+        for a0, a1 in self._panels[1:]:
+            h[a0:a1, :a0] = h[:a0, a0:a1].t()
+        return h
 
     def add(self, x: torch.Tensor) -> None:
         """Fold a chunk of inputs into ``H``.
@@ -67,5 +72,8 @@ class HessianAccumulator:
         # H_new = N/(N+m) * H_old + 2/(N+m) * X^T X, folded as one scaled rank-m update
         self._h.mul_(self._nsamples / total)
         rows = rows * (2.0 / total) ** 0.5
-        self._h.addmm_(rows.t(), rows)
+        # H is symmetric: accumulate only row panels from the diagonal rightwards (about
+        # 30% less multiply work with 4 panels); ``hessian`` mirrors the lower triangle
+        for a0, a1 in self._panels:
+            self._h[a0:a1, a0:].addmm_(rows[:, a0:a1].t(), rows[:, a0:])
         self._nsamples = total
