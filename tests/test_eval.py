@@ -78,3 +78,20 @@ def test_default_model_ppl_matches_independent_protocol(capsys, default_model_di
     theirs = independent_wikitext_ppl(default_model_dir, windows=2)
     assert abs(ours - theirs) / theirs < 1e-4, (ours, theirs)
     assert res.json()["protocol"]["tokens"] == 2 * 2047
+
+
+def test_checkpoints_are_evaluated_through_packed_weights(ckpts):
+    """No float copy of a quantized layer exists: each is a PackedLinear whose forward
+    runs the dequant-matmul kernel, and its logits equal the dequantized reading's."""
+    from qtool.api import load_any
+    from qtool.kernels import PackedLinear
+
+    packed, _, _ = load_any(str(ckpts / "gptq"), kernel="auto")
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 14
+    assert not any(isinstance(m, torch.nn.Linear) and m.weight.shape[1] in (128, 256)
+                   for n, m in packed.named_modules() if "layers" in n)
+    dense, _, _ = load_any(str(ckpts / "gptq"))
+    ids = torch.arange(64)[None] * 7 % 1000
+    with torch.inference_mode():
+        assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)

@@ -134,6 +134,10 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
                                  should_stop=stop) if start < len(blocks) else {}
     results = {**done, **results}
     t_quant = time.perf_counter()
+    if config.awq_save_search:
+        from qtool.awq.search_io import save_search
+
+        save_search(config.awq_save_search, method.search_results)
     progress("stage", name="save", detail=str(output))
     provenance = {
         "model": {"source": source.display, "kind": source.kind, "architecture": spec.name},
@@ -188,15 +192,19 @@ class _stop_on_signals:
         return False
 
 
-def load_any(path: str | None, dtype: torch.dtype = torch.float32):
+def load_any(path: str | None, dtype: torch.dtype = torch.float32, kernel: str | None = None):
     """(model, tokenizer, info) for a float model (folder, .gguf, hub id, default) or a
-    quantized checkpoint (read through its format)."""
+    quantized checkpoint (read through its format). With ``kernel`` ('auto', 'triton',
+    'torch') a checkpoint's linears stay packed and run through that dequant-matmul
+    kernel; without, they hold their dequantized float weights."""
     from transformers import AutoTokenizer
+
+    from qtool.io import load_packed_model
 
     if path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file():
         cfg = json.loads((Path(path) / "config.json").read_text())
         if cfg.get("quantization_config"):
-            model = load_quantized_model(path, dtype)
+            model = load_quantized_model(path, dtype) if kernel is None else load_packed_model(path, dtype, kernel)
             tokenizer = AutoTokenizer.from_pretrained(path)
             return model, tokenizer, {"path": str(path), "quantized": True}
     source = resolve(path)

@@ -171,12 +171,13 @@ def eval_cmd(
     stride: Optional[int] = typer.Option(None, "--stride", help="Window stride (default: seqlen, non-overlapping)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    kernel: str = typer.Option("auto", "--kernel", help="Dequant-matmul for quantized checkpoints: auto (Triton on CUDA, torch reference on CPU) | triton | torch."),
 ) -> None:
     """Perplexity (protocol printed with the result) and divergence from a float baseline."""
     from qtool.evaluate import evaluate, render_table
 
     result = _run_with_progress(evaluate, models or [None], dataset=dataset, seqlen=seqlen, stride=stride,
-                                max_windows=max_windows, baseline=baseline, device=device)
+                                max_windows=max_windows, baseline=baseline, device=device, kernel=kernel)
     _emit(result, render_table(result))
 
 

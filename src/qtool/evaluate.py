@@ -35,9 +35,11 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: int = 2048, stride: int | None = None,
              max_windows: int | None = None, baseline: str | None = None, device: str = "auto",
-             progress: Callable[..., None] = lambda *a, **k: None) -> dict[str, Any]:
+             kernel: str = "auto", progress: Callable[..., None] = lambda *a, **k: None) -> dict[str, Any]:
     """Evaluate ``models`` (None = built-in default) and return the protocol and one row
-    per model. ``baseline`` ('default' = built-in) adds KL and top-1 agreement."""
+    per model. ``baseline`` ('default' = built-in) adds KL and top-1 agreement.
+    Quantized checkpoints run packed through the ``kernel`` dequant-matmul ('auto':
+    Triton on CUDA, the torch reference on CPU)."""
     from qtool.api import load_any, resolve_device
 
     if seqlen < 2:
@@ -50,7 +52,7 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
     entries = []
     for name, path in zip(names, models):
         progress("stage", name="load", detail=name)
-        model, tok, info = load_any(path)
+        model, tok, info = load_any(path, kernel=kernel)
         entries.append({"name": name, "path": path, "model": model.to(dev), "tok": tok, "info": info})
     base = None
     if baseline is not None:

@@ -295,3 +295,43 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32)
         raise FormatError(f"{folder}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     return model.eval()
+
+
+def load_packed_model(folder: str | Path, dtype: torch.dtype = torch.float32, kernel: str = "auto"):
+    """A transformers model whose quantized linears stay packed (``PackedLinear``): their
+    forward runs the dequant-matmul kernel (Triton on CUDA, the torch reference on CPU)
+    straight from the packed tensors, so no float copy of the quantized weights exists.
+
+    GPTQ and Marlin checkpoints keep their layout; AWQ and compressed-tensors layers are
+    repacked to the GPTQ layout, as serving engines do at load time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtool.kernels import PackedLinear
+
+    folder = Path(folder)
+    qweights, plain, fmt_name, _ = read_quantized_layers(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layout = fmt_name if fmt_name in ("gptq", "marlin") else "gptq"
+    packer = get_format(layout)
+    for name, qw in qweights.items():
+        version = 1 if qw.sym else 2
+        tensors = packer.pack(qw, version=version)
+        meta = {"bits": qw.bits, "version": version} if layout == "gptq" else {}
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                PackedLinear(layout, tensors, kernel=kernel, group_size=qw.group_size, **meta))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False, assign=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied) and not m.rsplit(".", 1)[0] in qweights]
+    if missing or unexpected:
+        raise FormatError(f"{folder}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise FormatError(f"{folder}: no tensor for {leftover[:3]} in the checkpoint")
+    return model.eval()
