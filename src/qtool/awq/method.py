@@ -1,0 +1,230 @@
+"""AWQ as a pipeline method. Per block:
+
+1. one float pass over the calibration chunks records, for every linear input, the mean
+   |x| per channel (all tokens) and ``X^T X`` (search subsample), and the call arguments
+   of the scored attention/MLP modules (search subsample);
+2. per scaling group in execution order: search the scales, fold them into the block;
+3. per linear (except queries and keys): search the clip bounds on the scaled weights;
+4. RTN-quantize every linear with its clip bounds.
+
+Search subsample: the leading calibration chunks holding at least ``search_tokens``
+tokens (4096 by default: 8 sequences of 512). Whole sequences are kept because attention
+needs them. Scale folding is exact in float, so statistics gathered once before any
+folding stay valid for every group: a group's fold only rescales its own linears' input,
+which the method tracks (``H -> H / (s s^T)``) for the clip search.
+
+With ``load_search`` the searches are skipped: the given scales and clip bounds are
+applied as they are, which needs no calibration data and reproduces the searched
+checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qtool.awq.apply import fold_scales
+from qtool.awq.auto_clip import search_clip
+from qtool.awq.auto_scale import search_linear_scale, search_module_scale
+from qtool.awq.search_io import empty_search, search_from_json, search_to_json
+from qtool.awq.stats import collect_block_stats, search_chunk_count
+from qtool.errors import NumericsError, UserInputError
+from qtool.models.base import ScaleGroup
+from qtool.pipeline import BlockContext, LayerResult
+from qtool.rtn import rtn_quantize, weight_error
+
+log = logging.getLogger(__name__)
+
+SEARCH_TOKENS = 4096
+CLIP_GRID = 20
+CLIP_MAX_SHRINK = 0.5
+
+
+class AWQMethod:
+    """AWQ: activation-aware scales, clip search, then RTN.
+
+    Args:
+        load_search: results of an earlier search (``qtool.awq.search_io.load_search``)
+            to apply instead of searching; then no calibration data is needed.
+        search_tokens: size of the search subsample (tokens, rounded up to whole chunks).
+
+    Attributes:
+        search_results: the scales, clip bounds and alphas applied so far, in the
+            ``search_io`` layout (ready for ``save_search``).
+    """
+
+    name = "awq"
+
+    def __init__(self, load_search: dict | None = None, search_tokens: int = SEARCH_TOKENS,
+                 clip_grid: int = CLIP_GRID, clip_max_shrink: float = CLIP_MAX_SHRINK):
+        self.load_search = load_search
+        self.needs_calibration = load_search is None
+        self.search_tokens = search_tokens
+        self.clip_grid, self.clip_max_shrink = clip_grid, clip_max_shrink
+        self.search_results = empty_search()
+
+    def block_state(self, prefix: str) -> dict:
+        """The search results of block ``prefix`` as JSON data (saved with the block by
+        resumable runs)."""
+        return search_to_json(self.search_results, prefix)
+
+    def restore(self, states: dict[int, dict]) -> None:
+        """Take back the search results of blocks finished by an interrupted run."""
+        for state in states.values():
+            part = search_from_json(state)
+            for kind in ("scales", "clip_max", "alpha"):
+                self.search_results[kind].update(part[kind])
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]:
+        groups = [g for g in ctx.spec.scale_groups if _foldable(ctx, g)]
+        plan = self._search(ctx, groups) if self.load_search is None else self._apply_loaded(ctx, groups)
+        cfg = ctx.config
+        out: dict[str, LayerResult] = {}
+        for name in ctx.spec.linears:
+            lin = ctx.linear(name)
+            bound = plan.clip_max.get(name)
+            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
+                              None if lin.bias is None else lin.bias.detach().to("cpu"),
+                              None if bound is None else bound.to(lin.weight.device))
+            info = dict(plan.layer_stats.get(name, {}))
+            # both errors are measured in the scaled space (W s, x / s), where AWQ quantizes
+            info["weight_rel_err"] = weight_error(lin.weight.detach().cpu(), qw.dequantize())
+            if plan.grams is not None:
+                info["out_rel_err"] = _output_rel_err(lin.weight, qw, plan.grams[name])
+            out[name] = LayerResult(qw, info)
+        return out
+
+    def _search(self, ctx: BlockContext, groups: list[ScaleGroup]) -> _BlockPlan:
+        """Statistics pass, scale search and fold per group, clip search per linear."""
+        cfg = ctx.config
+        source_of = _source_of(ctx)
+        assert ctx.inputs is not None
+        n_search = search_chunk_count([h.shape[0] * h.shape[1] for h in ctx.inputs.hidden], self.search_tokens)
+        input_stats, calls = collect_block_stats(ctx.run, ctx.block, [seq[0] for seq in ctx.spec.sequential],
+                                                 [g.module for g in groups if not _scores_single_linear(g)], n_search)
+        for src, st in input_stats.items():
+            if not (torch.isfinite(st.mean_abs).all() and torch.isfinite(st.gram).all()):
+                raise NumericsError(f"{ctx.full_name(src)} has NaN or inf input activations: "
+                                    "the model overflowed in this dtype; try --dtype float32")
+        # Gram of each source's *current* input: a fold turns x into x / s
+        grams = {src: st.gram for src, st in input_stats.items()}
+        layer_stats: dict[str, dict] = {}
+        for group in groups:
+            t0 = time.perf_counter()
+            key = ctx.full_name(group.prev)
+            src = source_of[group.linears[0]]
+            assert all(source_of[n] == src for n in group.linears), group
+            st = input_stats[src]
+            linears = [ctx.linear(n) for n in group.linears]
+            if _scores_single_linear(group):
+                res = search_linear_scale(linears[0].weight, st.gram, st.search_tokens, st.mean_abs, cfg.bits,
+                                          cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
+            else:
+                res = search_module_scale(ctx.block.get_submodule(group.module), linears, calls[group.module],
+                                          st.mean_abs, cfg.bits, cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
+            fold_scales(ctx.block.get_submodule(group.prev), linears, res.scales, key)
+            s = res.scales.to(st.gram.device)
+            grams[src] = st.gram / (s[:, None] * s[None, :])
+            self.search_results["scales"][key] = res.scales.cpu()
+            self.search_results["alpha"][key] = res.alpha
+            seconds = time.perf_counter() - t0
+            ratio = res.loss / res.loss_unscaled if res.loss_unscaled > 0 else 1.0
+            log.debug("%s: alpha=%.2f, output error x%.3f of unscaled, %.2fs", key, res.alpha, ratio, seconds)
+            for n in group.linears:
+                layer_stats[n] = {"alpha": res.alpha, "scale_err_ratio": ratio, "seconds": seconds}
+        clip_max: dict[str, torch.Tensor] = {}
+        if cfg.awq_clip:
+            for name in ctx.spec.linears:
+                if name in ctx.spec.no_clip:
+                    continue
+                t0 = time.perf_counter()
+                clip_max[name] = search_clip(ctx.linear(name).weight, grams[source_of[name]], cfg.bits,
+                                             cfg.group_size, cfg.symmetric, self.clip_grid, self.clip_max_shrink).cpu()
+                self.search_results["clip_max"][ctx.full_name(name)] = clip_max[name]
+                entry = layer_stats.setdefault(name, {"seconds": 0.0})
+                entry["seconds"] += time.perf_counter() - t0
+        for entry in layer_stats.values():
+            entry["seconds"] = round(entry["seconds"], 3)
+        return _BlockPlan(clip_max, layer_stats, {name: grams[src] for name, src in source_of.items()})
+
+    def _apply_loaded(self, ctx: BlockContext, groups: list[ScaleGroup]) -> _BlockPlan:
+        """Fold the loaded scales and take the loaded clip bounds, checking their shapes."""
+        loaded = self.load_search
+        assert loaded is not None
+        layer_stats: dict[str, dict] = {}
+        for group in groups:
+            key = ctx.full_name(group.prev)
+            scales = loaded["scales"].get(key)
+            linears = [ctx.linear(n) for n in group.linears]
+            if scales is None or scales.shape != (linears[0].in_features,):
+                raise UserInputError(f"the AWQ search file has no scales of length {linears[0].in_features} for {key}: "
+                                     "it was saved for another model; search again without --load-search")
+            fold_scales(ctx.block.get_submodule(group.prev), linears, scales, key)
+            self.search_results["scales"][key] = scales
+            alpha = loaded.get("alpha", {}).get(key)
+            if alpha is not None:
+                self.search_results["alpha"][key] = alpha
+                for n in group.linears:
+                    layer_stats[n] = {"alpha": alpha}
+        clip_max: dict[str, torch.Tensor] = {}
+        for name in ctx.spec.linears:
+            bound = loaded["clip_max"].get(ctx.full_name(name))
+            if bound is None:
+                continue
+            lin = ctx.linear(name)
+            g = lin.in_features if ctx.config.group_size == -1 else ctx.config.group_size
+            if bound.shape != (lin.out_features, lin.in_features // g):
+                raise UserInputError(f"the AWQ search file's clip bounds for {ctx.full_name(name)} have shape "
+                                     f"{tuple(bound.shape)}, not {(lin.out_features, lin.in_features // g)}: it was "
+                                     "saved for another model or group size; search again without --load-search")
+            clip_max[name] = bound
+            self.search_results["clip_max"][ctx.full_name(name)] = bound
+        return _BlockPlan(clip_max, layer_stats, None)
+
+
+@dataclass
+class _BlockPlan:
+    """What quantizing one block's linears needs after the search (or the load).
+
+    Attributes:
+        clip_max: linear name -> float32 ``[n, G]`` clip bounds (absent: no clip).
+        layer_stats: linear name -> numbers to report.
+        grams: linear name -> ``X^T X`` of its scaled input on the search tokens (for
+            the output error report), or None without calibration.
+    """
+
+    clip_max: dict[str, torch.Tensor]
+    layer_stats: dict[str, dict]
+    grams: dict[str, torch.Tensor] | None
+
+
+def _source_of(ctx: BlockContext) -> dict[str, str]:
+    """Each linear -> the first linear of its execution group (they share one input)."""
+    return {name: seq[0] for seq in ctx.spec.sequential for name in seq}
+
+
+def _scores_single_linear(group: ScaleGroup) -> bool:
+    return group.linears == (group.module,)
+
+
+def _foldable(ctx: BlockContext, group: ScaleGroup) -> bool:
+    """Linear -> linear groups need the producer's outputs to be the consumers' inputs
+    one to one (no grouped-query head repetition between v_proj and o_proj)."""
+    if not group.requires_equal_shapes:
+        return True
+    prev = ctx.block.get_submodule(group.prev)
+    return isinstance(prev, nn.Linear) and all(ctx.linear(n).in_features == prev.out_features for n in group.linears)
+
+
+def _output_rel_err(weight: torch.Tensor, qweight, gram: torch.Tensor) -> float:
+    """``||(W - deq) X^T||^2 / ||W X^T||^2`` on the search tokens, from ``X^T X``."""
+    w = weight.detach().float()
+    h = gram.to(w.device, torch.float32)
+    dw = w - qweight.dequantize().to(w.device)
+    num = float(((dw @ h) * dw).sum(dtype=torch.float64))
+    den = float(((w @ h) * w).sum(dtype=torch.float64))
+    return num / den if den > 0 else 0.0
