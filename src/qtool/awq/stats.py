@@ -131,6 +131,7 @@ def collect_block_stats(
     # pre-hooks fire before the module's linears run, hence before the pass stops early
     handles = [block.get_submodule(name).register_forward_pre_hook(make_pre_hook(calls[name]), with_kwargs=True)
                for name in modules]
+
     def make_hook(acc: _InputAccumulator):
         return lambda x, y: acc.add(x)
 
