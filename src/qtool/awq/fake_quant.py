@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.rtn import dequantize_codes, group_qparams, quantize_to_codes
+from qtool.rtn import dequantize_codes, fit_storage_scale, group_qparams, quantize_to_codes
 
 
 def fake_quantize_groups(groups: torch.Tensor, bits: int, sym: bool, bound: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,6 +31,7 @@ def fake_quantize_groups(groups: torch.Tensor, bits: int, sym: bool, bound: torc
     flat = w.reshape(-1, shape[-1])  # [rows, g]
     scale, zero = group_qparams(flat, bits, sym)
     codes = quantize_to_codes(flat, scale[:, None], zero[:, None], bits)
+    scale = fit_storage_scale(flat, codes, zero[:, None], scale)
     return dequantize_codes(codes, scale[:, None], zero[:, None]).reshape(shape)
 
 
