@@ -13,7 +13,6 @@ start at positions drawn by ``torch.Generator().manual_seed(seed)`` (the GPTQ re
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import UserInputError
+from qtool.textfiles import read_rows
 
 DATASETS = {
     "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "text"),
@@ -48,42 +48,6 @@ def bundled_calib_dir() -> Path:
         if any(candidate.glob("*.txt")):
             return candidate
     raise UserInputError("the bundled calib_data/ folder is missing: reinstall qtool or pass --calib FILE")
-
-
-def _read_texts(path: Path) -> list[str] | list[list[int]]:
-    """Texts of a file, or token lists for a pre-tokenized jsonl."""
-    try:
-        if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
-        if path.suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise UserInputError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix that line") from exc
-            if not rows:
-                raise UserInputError(f"calibration file {path} is empty: give a file with text")
-            if all(isinstance(r, dict) and "input_ids" in r for r in rows):
-                return [list(map(int, r["input_ids"])) for r in rows]
-            if all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-                return [r["text"] for r in rows]
-            raise UserInputError(
-                f"{path}: every line must be an object with a 'text' string or an 'input_ids' list"
-            )
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise UserInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
-    except UnicodeDecodeError as exc:
-        raise UserInputError(f"calibration file {path} is not UTF-8 text: convert it to UTF-8") from exc
-    raise UserInputError(f"calibration file {path} must end in .txt, .jsonl or .parquet")
 
 
 def _dataset_texts(name: str) -> list[str]:
@@ -114,7 +78,7 @@ def load_calibration(calib: str | None, tokenizer, nsamples: int, seqlen: int, s
             raise UserInputError(
                 f"calibration file {calib} does not exist: pass a .txt/.jsonl/.parquet file or one of {', '.join(DATASETS)}"
             )
-        texts, source = _read_texts(path), f"file:{os.path.abspath(path)}"
+        texts, source = read_rows(path, "calibration file", token_ids=True), f"file:{os.path.abspath(path)}"
 
     if texts and isinstance(texts[0], list):
         rows = [r for r in texts if r]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.errors import UserInputError
+from qtool.textfiles import read_rows
 
 EVAL_DATASETS = {
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "QTOOL_WIKITEXT2"),
@@ -52,29 +53,7 @@ class Protocol:
 def _rows_from_file(path: Path) -> list[str]:
     if not path.is_file():
         raise UserInputError(f"dataset file {path} does not exist: check --dataset")
-    try:
-        if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
-        if path.suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                            raise UserInputError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from exc
-            return rows
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise UserInputError(f"{path} has no 'text' column")
-            return [t or "" for t in table.column("text").to_pylist()]
-    except UnicodeDecodeError as exc:
-        raise UserInputError(f"dataset file {path} is not UTF-8: convert it") from exc
-    raise UserInputError(f"dataset file {path} must end in .txt, .jsonl or .parquet")
+    return read_rows(path, "dataset file")
 
 
 def load_eval_rows(dataset: str) -> tuple[list[str], str, str]:

@@ -7,7 +7,6 @@ file is complete and verified, so the output path never holds a half-written che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from qtool import __version__
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.pack import get_format
 from qtool.qtensor import QuantizedWeight
+from qtool.textfiles import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ def check_output_path(out: str | Path, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise UserInputError(f"cannot write into {parent}: choose a writable -o/--output")
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain_state_dict(model, quantized: set[str]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ Layout of ``<output>.qtool-work/``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from qtool import __version__
 from qtool.errors import UserInputError
 from qtool.qtensor import QuantizedWeight
+from qtool.textfiles import sha256_file
 
 STATE = "state.json"
 FINGERPRINT = "fingerprint.json"
@@ -36,21 +36,13 @@ def work_dir_for(output: str | Path) -> Path:
     return out.parent / f"{out.name}.qtool-work"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(folder: str | None, gguf: str | None) -> dict:
     """sha256 of the files that define the model's weights and architecture."""
     if folder is None:
-        return {Path(gguf).name: _file_digest(Path(gguf))}
+        return {Path(gguf).name: sha256_file(Path(gguf))}
     files = sorted(p for p in Path(folder).iterdir()
                    if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))
-    return {p.name: _file_digest(p) for p in files}
+    return {p.name: sha256_file(p) for p in files}
 
 
 def fingerprint(model_files: dict, calib_sha256: str | None, config: dict) -> dict:

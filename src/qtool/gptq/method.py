@@ -101,7 +101,7 @@ class GPTQMethod:
         o_proj = ctx.linear(o_name)
         with torch.inference_mode():
             attn_out = [o_proj(x) for x in o_inputs]
-        del o_inputs
+        o_inputs.clear()
         mlp_inputs: list[torch.Tensor] = []
         acc = HessianAccumulator(ctx.linear(up_group[0]).in_features, ctx.full_name(up_group[0]), device=dev)
         attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
@@ -130,13 +130,13 @@ class GPTQMethod:
                         pass
         finally:
             hook.remove()
-        del mlp_inputs
+        mlp_inputs.clear()
         self._solve(ctx, (down_name,), acc.hessian)
         # 5. the block's output: both halves replayed from the cached tensors
         down = ctx.linear(down_name)
         with torch.inference_mode():
             mlp_out = [down(x) for x in down_inputs]
-        del down_inputs
+        down_inputs.clear()
         attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
         mlp = _swap(block, spec.mlp, _Replay(mlp_out, as_tuple=False))
         try:

@@ -93,6 +93,11 @@ def group_count(k: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-k // group_size)
 
 
+def not_multiple(dim: str, value: int, of: int, why: str, fix: str) -> str | None:
+    """``"{dim}={value} is not a multiple of {of} ({why}); {fix}"`` when it is not, else ``None``."""
+    return f"{dim}={value} is not a multiple of {of} ({why}); {fix}" if value % of else None
+
+
 def group_size_reason(k: int, group_size: int) -> str | None:
     """Reason why ``group_size`` cannot split ``k`` into whole groups, or ``None``."""
     if group_size == -1:

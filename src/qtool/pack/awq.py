@@ -30,6 +30,7 @@ from qtool.pack._bits import (
     expect_shape,
     fp16_scales,
     group_size_reason,
+    not_multiple,
     pack_words,
     read_bias,
     unpack_words,
@@ -70,15 +71,11 @@ def check_layer(
     n: int, k: int, bits: int, group_size: int, sym: bool, act_order: bool, **options
 ) -> str | None:
     """Reason why a ``[n, k]`` layer cannot be stored as AWQ GEMM, or ``None``."""
-    reason = check_options(bits, group_size, sym, act_order, **options)
-    if reason:
-        return reason
-    if n % 8:
-        return (
-            f"n={n} is not a multiple of 8 (AWQ packs 8 outputs per int32); "
-            "use --format gptq or a model with n % 8 == 0"
-        )
-    return group_size_reason(k, group_size)
+    return (
+        check_options(bits, group_size, sym, act_order, **options)
+        or not_multiple("n", n, 8, "AWQ packs 8 outputs per int32", "use --format gptq or a model with n % 8 == 0")
+        or group_size_reason(k, group_size)
+    )
 
 
 def _interleave_pack(values: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from qtool.pack._bits import (
     fp16_scales,
     group_count,
     group_size_reason,
+    not_multiple,
     pack_words,
     per_word,
     read_bias,
@@ -81,21 +82,14 @@ def check_layer(
     n: int, k: int, bits: int, group_size: int, sym: bool, act_order: bool, **options
 ) -> str | None:
     """Reason why a ``[n, k]`` layer cannot be stored as pack-quantized, or ``None``."""
-    reason = check_options(bits, group_size, sym, act_order, **options)
-    if reason:
-        return reason
-    per = per_word(bits)
-    if k % per:
-        return (
-            f"k={k} is not a multiple of {per} (weight_packed holds {per} codes per int32); "
-            f"use a model with k % {per} == 0"
-        )
-    if not sym and n % per:
-        return (
-            f"n={n} is not a multiple of {per} (weight_zero_point packs {per} zeros per int32 "
-            "along n); use --sym true"
-        )
-    return group_size_reason(k, group_size)
+    per = per_word(bits) if bits in SUPPORTED_BITS else 1
+    return (
+        check_options(bits, group_size, sym, act_order, **options)
+        or not_multiple("k", k, per, f"weight_packed holds {per} codes per int32", f"use a model with k % {per} == 0")
+        or (None if sym else not_multiple("n", n, per, f"weight_zero_point packs {per} zeros per int32 along n",
+                                          "use --sym true"))
+        or group_size_reason(k, group_size)
+    )
 
 
 def pack(qw: QuantizedWeight, **options) -> dict[str, torch.Tensor]:

@@ -53,6 +53,7 @@ from qtool.pack._bits import (
     fp16_scales,
     group_count,
     group_size_reason,
+    not_multiple,
     pack_words,
     per_word,
     read_bias,
@@ -93,21 +94,13 @@ def check_layer(
     n: int, k: int, bits: int, group_size: int, sym: bool, act_order: bool, **options
 ) -> str | None:
     """Reason why a ``[n, k]`` layer cannot be stored as GPTQ, or ``None``."""
-    reason = check_options(bits, group_size, sym, act_order, **options)
-    if reason:
-        return reason
-    per = per_word(bits)
-    if k % per:
-        return (
-            f"k={k} is not a multiple of {per} (qweight packs {per} codes per int32 along k); "
-            f"use a model with k % {per} == 0"
-        )
-    if n % per:
-        return (
-            f"n={n} is not a multiple of {per} (qzeros packs {per} zeros per int32 along n); "
-            f"use a model with n % {per} == 0"
-        )
-    return group_size_reason(k, group_size)
+    per = per_word(bits) if bits in SUPPORTED_BITS else 1
+    return (
+        check_options(bits, group_size, sym, act_order, **options)
+        or not_multiple("k", k, per, f"qweight packs {per} codes per int32 along k", f"use a model with k % {per} == 0")
+        or not_multiple("n", n, per, f"qzeros packs {per} zeros per int32 along n", f"use a model with n % {per} == 0")
+        or group_size_reason(k, group_size)
+    )
 
 
 def pack(qw: QuantizedWeight, version: int | None = None, **options) -> dict[str, torch.Tensor]:

@@ -51,6 +51,7 @@ from qtool.pack._bits import (
     fp16_scales,
     group_count,
     group_size_reason,
+    not_multiple,
     pack_words,
     read_bias,
     unpack_words,
@@ -119,17 +120,11 @@ def check_layer(
 ) -> str | None:
     """Reason why a ``[n, k]`` layer cannot be stored as Marlin, or ``None``: the layout
     limits plus the kernel limits (spec §2.7)."""
-    reason = check_options(bits, group_size, sym, act_order, **options) or _layout_reason(
-        n, k, bits, group_size
+    return (
+        check_options(bits, group_size, sym, act_order, **options)
+        or _layout_reason(n, k, bits, group_size)
+        or not_multiple("k", k, 128, "the Marlin kernel limit", "use --format gptq or a model with k % 128 == 0")
     )
-    if reason:
-        return reason
-    if k % 128:
-        return (
-            f"k={k} is not a multiple of 128 (the Marlin kernel limit); "
-            "use --format gptq or a model with k % 128 == 0"
-        )
-    return None
 
 
 def _layout_reason(n: int, k: int, bits: int, group_size: int) -> str | None:
@@ -137,11 +132,11 @@ def _layout_reason(n: int, k: int, bits: int, group_size: int) -> str | None:
     the kernels' and loaders' stricter limits live in :func:`check_layer`."""
     if bits != 4:
         return f"bits={bits}: the Marlin writer is 4-bit only; use --format gptq"
-    if k % 16:
-        return f"k={k} is not a multiple of 16 (Marlin 16x16 tiles); use --format gptq"
-    if n % 64:
-        return f"n={n} is not a multiple of 64 (Marlin 16x64 tiles); use --format gptq"
-    return group_size_reason(k, group_size)
+    return (
+        not_multiple("k", k, 16, "Marlin 16x16 tiles", "use --format gptq")
+        or not_multiple("n", n, 64, "Marlin 16x64 tiles", "use --format gptq")
+        or group_size_reason(k, group_size)
+    )
 
 
 def _tile(q: torch.Tensor) -> torch.Tensor:
