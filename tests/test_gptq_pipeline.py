@@ -68,6 +68,21 @@ def test_static_groups_keep_g_idx_monotone(capsys, tmp_path, mini_llama, calib_t
     assert torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // 32)
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_every_group_size_reads_back_exactly(capsys, tmp_path, mini_llama, calib_txt, group_size):
+    """Each group size the model allows: the stored scales have one row per group and the
+    GPTQ tensors, read by the independent reader, equal what qtool's loader gives."""
+    from qtool.api import load_any
+
+    record = _quantize(capsys, mini_llama, tmp_path / "g", calib_txt, "--method", "gptq", "-g", str(group_size))
+    assert record["config"]["group_size"] == group_size
+    name = "model.layers.1.mlp.down_proj"  # k = 256
+    scales = load_file(str(tmp_path / "g" / "model.safetensors"))[f"{name}.scales"]
+    assert scales.shape[0] == (1 if group_size == -1 else 256 // group_size)
+    model, _, _ = load_any(str(tmp_path / "g"))
+    assert torch.equal(independent_gptq_dequant(tmp_path / "g", name), model.get_submodule(name).weight.float())
+
+
 @pytest.mark.parametrize("fmt,extra", [
     ("gptq", ["--no-act-order", "--gptq-version", "2"]),
     ("marlin", []),

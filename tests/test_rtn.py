@@ -29,9 +29,11 @@ def test_storage_fit_never_worse_than_nearest_float16(sym, bits):
     if not sym:
         assert torch.equal(fit.zeros, near.zeros)
     e_fit, e_near = group_errors(w, fit, 64), group_errors(w, near, 64)
-    assert (e_fit <= e_near).all()
+    # the choice is made in float64; a float32 re-evaluation may differ by rounding on ties
+    assert (e_fit <= e_near * (1 + 1e-6)).all()
     changed = fit.scales != near.scales
-    assert changed.any() and (e_fit[changed] < e_near[changed]).all()
+    assert changed.sum() > 100 and (e_fit[changed] <= e_near[changed] * (1 + 1e-6)).all()
+    assert e_fit.sum() < e_near.sum()
     # a changed scale is the other float16 neighbour of the exact scale
     exact, _ = group_qparams(w.reshape(-1, 64), bits, sym)
     exact = exact.reshape(256, 4)

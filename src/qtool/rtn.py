@@ -99,12 +99,14 @@ def fit_storage_scale(
     other = torch.nextafter(near, toward)
     # stay a positive normal float16 (the floor group_qparams already applies)
     other = torch.where(other.float() < torch.finfo(torch.float16).tiny, near, other)
+    # E(s) = |w|^2 - 2 s <w, d> + s^2 |d|^2 with d = codes - zero, so
+    # E(o) - E(n) = (o - n) * ((o + n) |d|^2 - 2 <w, d>), in float64 per row
     d = codes - zero
-
-    def err(s):
-        return ((w - d * s.float()[:, None]) ** 2).sum(dim=1)
-
-    return torch.where(err(other) < err(near), other, near).float()
+    dd = (d * d).sum(dim=1, dtype=torch.float64)
+    wd = (w * d).sum(dim=1, dtype=torch.float64)
+    o, n = other.double(), near.double()
+    gain = (o - n) * ((o + n) * dd - 2.0 * wd)
+    return torch.where(gain < 0, other, near).float()
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
