@@ -60,8 +60,14 @@ def test_storage_fit_guards_all_zero_and_tiny_groups():
 
 
 def test_codes_use_the_exact_scale():
-    # codes come from the exact float32 scale, not from the stored float16 one
+    """Codes follow the float32 min-max scale, written out independently here (symmetric:
+    ``max|w| / 7.5``, zero 8), not the float16 scale that is stored."""
     w = weights(64, 128, seed=2)
-    scale, zero = group_qparams(w.reshape(-1, 64), 4, True)
-    codes = quantize_to_codes(w.reshape(-1, 64), scale[:, None], zero[:, None], 4)
-    assert torch.equal(rtn_quantize(w, 4, 64, True).codes, codes.reshape(64, 128).to(torch.uint8))
+    groups = w.reshape(-1, 64)
+    amax = groups.abs().amax(dim=1, keepdim=True)
+    exact = amax * 2 / 15
+    expected = torch.clamp(torch.round(groups / exact) + 8, 0, 15).reshape(64, 128)
+    codes = rtn_quantize(w, 4, 64, True).codes
+    assert torch.equal(codes, expected.to(torch.uint8))
+    fp16_first = torch.clamp(torch.round(groups / exact.half().float()) + 8, 0, 15).reshape(64, 128)
+    assert not torch.equal(codes, fp16_first.to(torch.uint8))  # the two do differ on ties
