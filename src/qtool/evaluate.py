@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
 from qtool.errors import UserInputError
 from qtool.eval import load_eval_rows, protocol, protocol_dict, tokenize_rows, window_logprobs, windows, check_seqlen
 
