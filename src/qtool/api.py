@@ -249,17 +249,12 @@ def check_checkpoint(path: str | Path, *, sample: int | None = None, kernel: str
 
     GPTQ and Marlin checkpoints run in their own layout; AWQ and compressed-tensors layers
     are repacked to the GPTQ layout first (as serving engines do at load time)."""
-    from qtool.io import read_quantized_layers
+    from qtool.io import kernel_layers, read_quantized_layers
     from qtool.kernels.check import check_layers
 
     qweights, _, fmt_name, _ = read_quantized_layers(path)
-    kernel_fmt = fmt_name if fmt_name in ("gptq", "marlin") else "gptq"
-    packer = get_format(kernel_fmt)
-    layers = {}
-    for name, qw in qweights.items():
-        version = 1 if qw.sym else 2
-        tensors = packer.pack(qw, version=version)
-        layers[name] = (kernel_fmt, tensors, {"bits": qw.bits, "version": version, "group_size": qw.group_size})
+    kernel_fmt, packed = kernel_layers(qweights, fmt_name)
+    layers = {name: (kernel_fmt, tensors, meta) for name, (tensors, meta) in packed.items()}
     total = len(layers)
     count = min(sample, total) if sample else total
     progress("eval", name="check", total=count)

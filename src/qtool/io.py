@@ -281,12 +281,36 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32)
         state[f"{name}.weight"] = qw.dequantize(torch.float32).to(dtype)
         if qw.bias is not None:
             state[f"{name}.bias"] = qw.bias.to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    return _load_state(model, state, config, folder, set(), assign=False)
+
+
+def _load_state(model, state: dict[str, torch.Tensor], config, folder: Path, packed: set[str], assign: bool):
+    """Load the float ``state`` into ``model`` (modules in ``packed`` carry their own
+    tensors), tie the embeddings, and refuse a checkpoint that does not fill the model."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied) and m.rsplit(".", 1)[0] not in packed]
     if missing or unexpected:
         raise FormatError(f"{folder}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise FormatError(f"{folder}: no tensor for {leftover[:3]} in the checkpoint")
     return model.eval()
+
+
+def kernel_layers(qweights: dict[str, QuantizedWeight], fmt_name: str) -> tuple[str, dict[str, tuple[dict, dict]]]:
+    """The layers packed in the layout a dequant-matmul kernel reads: GPTQ and Marlin
+    checkpoints keep theirs, AWQ and compressed-tensors are repacked to GPTQ (as serving
+    engines do at load time). Returns ``(layout, {name: (tensors, meta)})`` with meta
+    ``bits``, ``version`` (GPTQ zero storage) and ``group_size``."""
+    layout = fmt_name if fmt_name in ("gptq", "marlin") else "gptq"
+    packer = get_format(layout)
+    layers = {}
+    for name, qw in qweights.items():
+        version = 1 if qw.sym else 2
+        layers[name] = (packer.pack(qw, version=version), {"bits": qw.bits, "version": version, "group_size": qw.group_size})
+    return layout, layers
 
 
 def load_packed_model(folder: str | Path, dtype: torch.dtype = torch.float32, kernel: str = "auto"):
@@ -308,22 +332,10 @@ def load_packed_model(folder: str | Path, dtype: torch.dtype = torch.float32, ke
         del config.quantization_config
     with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layout = fmt_name if fmt_name in ("gptq", "marlin") else "gptq"
-    packer = get_format(layout)
-    for name, qw in qweights.items():
-        version = 1 if qw.sym else 2
-        tensors = packer.pack(qw, version=version)
-        meta = {"bits": qw.bits, "version": version} if layout == "gptq" else {}
+    layout, layers = kernel_layers(qweights, fmt_name)
+    for name, (tensors, meta) in layers.items():
+        extra = {"bits": meta["bits"], "version": meta["version"]} if layout == "gptq" else {}
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
-                PackedLinear(layout, tensors, kernel=kernel, group_size=qw.group_size, **meta))
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False, assign=True)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [m for m in missing if not (m.endswith("lm_head.weight") and tied) and not m.rsplit(".", 1)[0] in qweights]
-    if missing or unexpected:
-        raise FormatError(f"{folder}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise FormatError(f"{folder}: no tensor for {leftover[:3]} in the checkpoint")
-    return model.eval()
+                PackedLinear(layout, tensors, kernel=kernel, group_size=meta["group_size"], **extra))
+    return _load_state(model, {k: v.to(dtype) for k, v in plain.items()}, config, folder, set(qweights), assign=True)
