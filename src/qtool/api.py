@@ -250,13 +250,14 @@ def check_checkpoint(path: str | Path, *, sample: int | None = None, kernel: str
     GPTQ and Marlin checkpoints run in their own layout; AWQ and compressed-tensors layers
     are repacked to the GPTQ layout first (as serving engines do at load time)."""
     from qtool.io import kernel_layers, read_quantized_layers
-    from qtool.kernels.check import check_layers
+    from qtool.kernels.check import check_layers, sample_names
 
     qweights, _, fmt_name, _ = read_quantized_layers(path)
-    kernel_fmt, packed = kernel_layers(qweights, fmt_name)
+    total = len(qweights)
+    chosen = sample_names(list(qweights), sample, seed)  # repack only the layers checked
+    kernel_fmt, packed = kernel_layers({name: qweights[name] for name in chosen}, fmt_name)
     layers = {name: (kernel_fmt, tensors, meta) for name, (tensors, meta) in packed.items()}
-    total = len(layers)
-    count = min(sample, total) if sample else total
+    count = len(layers)
     progress("eval", name="check", total=count)
     done = []
 
@@ -265,7 +266,7 @@ def check_checkpoint(path: str | Path, *, sample: int | None = None, kernel: str
         done.append(name)
 
     t0 = time.perf_counter()
-    results = check_layers(layers, sample=sample, kernel=kernel, seed=seed, progress=step)
+    results = check_layers(layers, kernel=kernel, seed=seed, progress=step)
     rows = [{"layer": r.name, "format": r.format, "worst_rel_error": r.worst_rel_error, "ok": r.ok, "error": r.error}
             for r in results]
     return {"path": str(path), "format": fmt_name, "kernel_layout": kernel_fmt, "kernel": kernel,

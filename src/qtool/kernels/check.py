@@ -88,17 +88,22 @@ def check_layers(
             "check: kernel='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); "
             "use kernel='torch' or 'auto'"
         )
-    names = list(layers)
-    if sample is not None and sample < len(names):
-        keep = set(random.Random(seed).sample(names, sample))
-        names = [n for n in names if n in keep]
     results = []
-    for name in names:
+    for name in sample_names(list(layers), sample, seed):
         if progress is not None:
             progress(name)
         fmt, tensors, meta = layers[name]
         results.append(_check_one(name, fmt, tensors, meta, kernel, seed, rows, dtype, device))
     return results
+
+
+def sample_names(names: list[str], sample: int | None, seed: int) -> list[str]:
+    """The layers a check with ``sample`` and ``seed`` runs, in their given order (all of
+    them when ``sample`` is ``None`` or not below their number)."""
+    if sample is None or sample >= len(names):
+        return names
+    keep = set(random.Random(seed).sample(names, sample))
+    return [n for n in names if n in keep]
 
 
 def _check_one(name, fmt, tensors, meta, kernel, seed, rows, dtype, device) -> LayerCheck:
