@@ -35,7 +35,7 @@ def timed(table: dict, key: str):
 def main() -> None:
     from qtool.awq import method as awq_method
     from qtool.calib import load_calibration
-    from qtool.config import QuantizeConfig
+    from qtool.config import AWQ_MIN_SEARCH_TOKENS, QuantizeConfig
     from qtool.loading import load_model, resolve
     from qtool.models import get_blocks, spec_for
     from qtool.pipeline import BlockContext, BlockInputs, capture_inputs
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--calib", default=None)
     ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--search-tokens", type=int, default=awq_method.SEARCH_TOKENS)
+    ap.add_argument("--search-tokens", type=int, default=AWQ_MIN_SEARCH_TOKENS)
     ap.add_argument("--group-size", type=int, default=64)
     args = ap.parse_args()
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from qtool import __version__
-from qtool.config import QuantizeConfig, resolve_group_size
+from qtool.config import QuantizeConfig, resolve_awq_search_tokens, resolve_group_size
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import check_output_path, format_options, load_quantized_model, read_qtool_json, sha256_file
 from qtool.loading import load_model, resolve
@@ -61,7 +61,8 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
         for name in spec.linears:
             lin = block.get_submodule(name)
             shapes[f"{spec.blocks}.{i}.{name}"] = (lin.out_features, lin.in_features)
-    config = resolve_group_size(config, {n: k for n, (_, k) in shapes.items()})
+    in_features = {n: k for n, (_, k) in shapes.items()}
+    config = resolve_awq_search_tokens(resolve_group_size(config, in_features), in_features)
     check_format_options(config)
     fmt = get_format(config.format)
     failures = {}

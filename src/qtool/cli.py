@@ -121,6 +121,7 @@ def quantize(
     block_size: int = typer.Option(128, "--block-size", help="GPTQ: lazy-update block width."),
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: grid points for the scale exponent."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search weight clipping."),
+    awq_search_tokens: int = typer.Option(0, "--awq-search-tokens", help="AWQ: calibration tokens that score the scale and clip searches (whole samples); default auto = max(4096, 2 x largest in_features)."),
     save_search: Optional[str] = typer.Option(None, "--save-search", help="AWQ: also write the search results (scales, clip bounds) to this file."),
     load_search: Optional[str] = typer.Option(None, "--load-search", help="AWQ: apply search results from --save-search instead of searching (no calibration)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float16 | bfloat16 | float32 (load dtype)."),
@@ -135,7 +136,7 @@ def quantize(
                             gptq_version=gptq_version, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                             batch_size=batch_size, act_order=act_order, static_groups=static_groups,
                             true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
-                            awq_clip=awq_clip, awq_save_search=save_search, awq_load_search=load_search)
+                            awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search)
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume)
     cfg = result["config"]

@@ -50,6 +50,7 @@ class QuantizeConfig:
     # AWQ
     awq_grid: int = 20
     awq_clip: bool = True
+    awq_search_tokens: int = 0  # 0 = auto: see resolve_awq_search_tokens
     awq_save_search: str | None = None  # write the AWQ search results (scales, clip bounds) here
     awq_load_search: str | None = None  # apply these search results instead of searching
     version: int = field(default=CONFIG_VERSION)
@@ -75,6 +76,10 @@ class QuantizeConfig:
             raise UserInputError("--block-size must be >= 1")
         if self.awq_grid < 1:
             raise UserInputError("--awq-grid must be >= 1")
+        if self.awq_search_tokens < 0:
+            raise UserInputError("--awq-search-tokens must be >= 1 (or 0 for auto)")
+        if self.awq_search_tokens and self.method != "awq":
+            raise UserInputError("--awq-search-tokens only applies to --method awq")
         if (self.awq_save_search or self.awq_load_search) and self.method != "awq":
             raise UserInputError("--save-search/--load-search only apply to --method awq")
         if self.awq_load_search and not Path(self.awq_load_search).is_file():
@@ -107,6 +112,25 @@ class QuantizeConfig:
         d = dataclasses.asdict(self)
         d["sym"] = self.symmetric
         return d
+
+
+AWQ_MIN_SEARCH_TOKENS = 4096
+
+
+def resolve_awq_search_tokens(config: QuantizeConfig, in_features: dict[str, int]) -> QuantizeConfig:
+    """Fix ``awq_search_tokens`` (0 = auto) against the model's layers.
+
+    The AWQ scale and clip searches score candidates with ``X^T X`` over the search
+    tokens; with fewer tokens than a linear's ``k`` that matrix is rank-deficient and the
+    search sees only part of the input space. Auto therefore takes
+    ``max(4096, 2 * max k)`` tokens (4096 = 8 x 512 for every model up to k = 2048; e.g.
+    22016 for a 7B model's down_proj with k = 11008). An explicit value is kept as given;
+    when fewer tokens than ``k`` are available the method regularises the Gram matrix
+    (``qtool.awq.stats.regularised_gram``). Other methods keep 0.
+    """
+    if config.method != "awq" or config.awq_search_tokens:
+        return config
+    return config.replace(awq_search_tokens=max(AWQ_MIN_SEARCH_TOKENS, 2 * max(in_features.values(), default=0)))
 
 
 def resolve_group_size(config: QuantizeConfig, in_features: dict[str, int]) -> QuantizeConfig:

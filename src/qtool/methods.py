@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtool.config import QuantizeConfig
+from qtool.config import AWQ_MIN_SEARCH_TOKENS, QuantizeConfig
 from qtool.errors import UserInputError
 
 
@@ -19,5 +19,6 @@ def get_method(config: QuantizeConfig):
         from qtool.awq.method import AWQMethod
         from qtool.awq.search_io import load_search
 
-        return AWQMethod(load_search=load_search(config.awq_load_search) if config.awq_load_search else None)
+        return AWQMethod(load_search=load_search(config.awq_load_search) if config.awq_load_search else None,
+                         search_tokens=config.awq_search_tokens or AWQ_MIN_SEARCH_TOKENS)
     raise UserInputError(f"unknown method {config.method}")

@@ -8,8 +8,9 @@
 4. RTN-quantize every linear with its clip bounds.
 
 Search subsample: the leading calibration chunks holding at least ``search_tokens``
-tokens (4096 by default: 8 sequences of 512). Whole sequences are kept because attention
-needs them. Scale folding is exact in float, so statistics gathered once before any
+tokens (``--awq-search-tokens``; auto = max(4096, 2 x the largest in_features), so the
+Gram matrices are full rank; 4096 = 8 sequences of 512 for models up to k = 2048). Whole
+sequences are kept because attention needs them. Scale folding is exact in float, so statistics gathered once before any
 folding stay valid for every group: a group's fold only rescales its own linears' input,
 which the method tracks (``H -> H / (s s^T)``) for the clip search.
 
@@ -32,6 +33,7 @@ from qtool.awq.auto_clip import search_clip
 from qtool.awq.auto_scale import search_linear_scale, search_module_scale
 from qtool.awq.search_io import empty_search, search_from_json, search_to_json
 from qtool.awq.stats import collect_block_stats, search_chunk_count
+from qtool.config import AWQ_MIN_SEARCH_TOKENS
 from qtool.errors import NumericsError, UserInputError
 from qtool.models.base import ScaleGroup
 from qtool.pipeline import BlockContext, LayerResult
@@ -39,7 +41,6 @@ from qtool.rtn import rtn_quantize, weight_error
 
 log = logging.getLogger(__name__)
 
-SEARCH_TOKENS = 4096
 CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 
@@ -59,7 +60,7 @@ class AWQMethod:
 
     name = "awq"
 
-    def __init__(self, load_search: dict | None = None, search_tokens: int = SEARCH_TOKENS,
+    def __init__(self, load_search: dict | None = None, search_tokens: int = AWQ_MIN_SEARCH_TOKENS,
                  clip_grid: int = CLIP_GRID, clip_max_shrink: float = CLIP_MAX_SHRINK):
         self.load_search = load_search
         self.needs_calibration = load_search is None

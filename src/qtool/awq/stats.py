@@ -65,7 +65,31 @@ class _InputAccumulator:
         assert self.abs_sum is not None and self.gram is not None
         # clone outside inference mode: these feed parameter updates later
         mean_abs = (self.abs_sum / max(self.num_tokens, 1)).float().cpu().clone()
-        return InputStats(mean_abs, self.gram.clone(), self.num_tokens, self.search_tokens)
+        return InputStats(mean_abs, regularised_gram(self.gram.clone(), self.search_tokens), self.num_tokens,
+                          self.search_tokens)
+
+
+RIDGE = 0.01
+
+
+def regularised_gram(gram: torch.Tensor, num_tokens: int, ridge: float = RIDGE) -> torch.Tensor:
+    """``X^T X`` made positive definite when it cannot be: fewer tokens than channels.
+
+    With ``num_tokens < k`` the Gram matrix has rank at most ``num_tokens``, so an error
+    in its null space costs nothing and the searches would accept it. Then
+    ``ridge * mean(diag(X^T X)) * I`` is added: an unseen direction costs ``ridge`` times
+    an average channel's energy. With enough tokens the matrix is returned unchanged (the
+    default ``--awq-search-tokens`` is 2 k, see ``qtool.config.resolve_awq_search_tokens``).
+
+    Args:
+        gram: float32 ``[k, k]``.
+        num_tokens: the tokens summed into ``gram``.
+    """
+    k = gram.shape[0]
+    if num_tokens >= k:
+        return gram
+    lam = ridge * float(gram.diagonal().mean())
+    return gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device)
 
 
 @dataclass
