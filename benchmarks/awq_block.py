@@ -57,7 +57,7 @@ def main() -> None:
     table: dict[str, tuple[float, float]] = {}
     steps = {"collect_block_stats": "statistics pass", "search_module_scale": "scale search (module)",
              "search_linear_scale": "scale search (linear, Gram)", "search_clip": "clip search",
-             "rtn_quantize": "final RTN", "_output_rel_err": "error report"}
+             "rtn_quantize": "final RTN", "layer_errors": "error report"}
     for attr, label in steps.items():
         fn = getattr(awq_method, attr)
 

@@ -184,6 +184,9 @@ def test_awq_beats_rtn_with_outlier_channels():
     assert awq_err < 0.8 * rtn_err, (awq_err, rtn_err)
     stats = results["model.layers.0.mlp.down_proj"].stats
     assert {"alpha", "out_rel_err", "weight_rel_err", "seconds"} <= stats.keys()
+    # the relative errors in percent, with one meaning for every method (qtool.layer_error)
+    assert stats["out_rel_err"] == pytest.approx((stats["rel_output_error_pct"] / 100) ** 2)
+    assert 0 < stats["rel_output_error_pct"] < 100 and 0 < stats["rel_weight_error_pct"] < 100
 
 
 def _sha256s(folder) -> dict[str, str]:

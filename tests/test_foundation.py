@@ -98,7 +98,7 @@ def test_eval_prints_protocol_and_perplexity(capsys, tmp_path, mini_llama):
 def test_inspect_shows_method_format_and_layers(capsys, tmp_path, mini_llama):
     out = tmp_path / "out"
     assert run_cli(capsys, "quantize", mini_llama, "--method", "rtn", "-g", "64", "-o", out, "-q").code == 0
-    res = run_cli(capsys, "inspect", out)
+    res = run_cli(capsys, "inspect", out, "--layers")
     assert res.code == 0
     assert "rtn 4-bit group 64 sym, format gptq" in res.out
     assert "model.layers.1.mlp.down_proj" in res.out

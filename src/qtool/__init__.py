@@ -3,6 +3,13 @@ compressed-tensors checkpoints."""
 
 __version__ = "0.1.0"
 
-from qtool.qtensor import QuantizedWeight  # noqa: E402
-
 __all__ = ["QuantizedWeight", "__version__"]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use only, so `qtool --version` and `--help` stay fast
+    if name == "QuantizedWeight":
+        from qtool.qtensor import QuantizedWeight
+
+        return QuantizedWeight
+    raise AttributeError(f"module 'qtool' has no attribute {name!r}")

@@ -214,7 +214,8 @@ def load_any(path: str | None, dtype: torch.dtype = torch.float32, kernel: str |
 
 
 def inspect_checkpoint(path: str | Path, verify: bool = False) -> dict:
-    """What a checkpoint holds: method, bits, group size, format, per-layer error,
+    """What a checkpoint holds: method, bits, group size, format, a ``summary``
+    (``qtool.summary.checkpoint_summary``), per-layer stats in natural layer order,
     calibration provenance; with ``verify`` the sha256 of every file is recomputed."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -225,12 +226,15 @@ def inspect_checkpoint(path: str | Path, verify: bool = False) -> dict:
     if record is None:
         out["qtool"] = None
         return out
-    cfg = record["config"]
+    from qtool.summary import checkpoint_summary, natural_key
+
+    cfg, layers = record["config"], record.get("layers", {})
     out.update({
         "qtool_version": record["qtool_version"], "method": cfg["method"], "bits": cfg["bits"],
         "group_size": cfg["group_size"], "sym": cfg["sym"], "format": record["format"],
-        "calibration": record.get("calibration"), "model": record.get("model"), "layers": record.get("layers", {}),
-        "timings_s": record.get("timings_s"),
+        "calibration": record.get("calibration"), "model": record.get("model"),
+        "layers": {name: layers[name] for name in sorted(layers, key=natural_key)},
+        "timings_s": record.get("timings_s"), "summary": checkpoint_summary(path, record),
     })
     if verify:
         mismatched = [name for name, digest in record["files_sha256"].items()
@@ -259,7 +263,7 @@ def check_checkpoint(path: str | Path, *, sample: int | None = None, kernel: str
     kernel_fmt, packed = kernel_layers({name: qweights[name] for name in chosen}, fmt_name)
     layers = {name: (kernel_fmt, tensors, meta) for name, (tensors, meta) in packed.items()}
     count = len(layers)
-    progress("eval", name="check", total=count)
+    progress("eval", name="check", total=count, unit="layer")
     done = []
 
     def step(name: str) -> None:

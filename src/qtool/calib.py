@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import UserInputError
+from qtool.hub_datasets import load_hub_dataset
 from qtool.textfiles import read_rows
 
 DATASETS = {
@@ -52,15 +53,8 @@ def bundled_calib_dir() -> Path:
 
 def _dataset_texts(name: str) -> list[str]:
     repo, config, split, column = DATASETS[name]
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(repo, config, split=split)
-    except Exception as exc:  # offline, missing, auth: one message for the user
-        raise UserInputError(
-            f"could not load dataset '{name}' ({repo}) through `datasets` ({type(exc).__name__}); "
-            "when offline pass a local file with --calib PATH (.txt, .jsonl or .parquet)"
-        ) from exc
+    ds = load_hub_dataset(repo, config, split, f"dataset '{name}' ({repo})",
+                          "when offline pass a local file with --calib PATH (.txt, .jsonl or .parquet)")
     return [t for t in ds[column][:5000] if t]
 
 

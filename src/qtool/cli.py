@@ -24,7 +24,9 @@ from qtool.errors import QtoolError
 
 EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# plain click help (rich_markup_mode=None): at 80 columns rich's boxed layout cuts choices
+# and shows a <bool> metavar on every flag
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline LLM weight quantization: AWQ, GPTQ and RTN to GPTQ, AWQ, Marlin and compressed-tensors checkpoints.")
 
 
@@ -51,16 +53,24 @@ def _global(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     STATE.json, STATE.quiet, STATE.debug = json_out, quiet, debug
-    _silence_libraries()
+    _quiet_library_bars()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if (quiet or json_out) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _silence_libraries() -> None:
-    """qtool owns the progress display: the libraries' own bars and info logs stay off."""
+def _quiet_library_bars() -> None:
+    """qtool owns the progress display: the libraries' own bars stay off. Environment
+    only (read when those libraries are imported), so `--help` imports nothing heavy;
+    tqdm reads TQDM_DISABLE on import, which covers bars that bypass the HF switches
+    (transformers' GGUF conversion)."""
     import os
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        os.environ.setdefault(var, "1")
+
+
+def _silence_libraries() -> None:
+    """The libraries' info logs and bars off, also when they were imported already."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -77,6 +87,7 @@ def _emit(result: dict, human: str) -> None:
 def _run_with_progress(fn, *args, **kwargs) -> Any:
     from qtool.progress import make_reporter
 
+    _silence_libraries()
     reporter = make_reporter(STATE.json, STATE.quiet)
     try:
         return fn(*args, progress=reporter or (lambda *a, **k: None), **kwargs)
@@ -90,25 +101,30 @@ SmolLM2-135M-Instruct) block by block and save a safetensors checkpoint.
 
 \b
 Formats and what they accept:
-  gptq               (default) any method; sym -> v1, asym -> v2 (gptq_v2); act-order via g_idx.
-  awq                AutoAWQ GEMM: asymmetric (zero points), 4-bit, no act-order g_idx.
-  marlin             Marlin tiles: k % 16, n % 64 (vLLM kernels need k % 128); act-order via perm.
-  compressed-tensors pack-quantized, as llm-compressor writes (vLLM's recommended format).
-GPTQ --act-order without --static-groups writes a non-monotone g_idx; kernels that need a
-monotone g_idx (exllama v1, some Marlin builds) want --static-groups.
+  gptq       (default) any method; sym -> v1, asym -> v2 (gptq_v2);
+             act-order via g_idx.
+  awq        AutoAWQ GEMM: asymmetric (zero points), 4-bit, no act-order.
+  marlin     Marlin tiles: k % 16, n % 64 (vLLM kernels need k % 128);
+             act-order via perm.
+  compressed-tensors
+             pack-quantized, as llm-compressor writes (vLLM's choice).
+
+GPTQ --act-order without --static-groups writes a non-monotone g_idx; kernels
+that need a monotone g_idx (exllama v1, some Marlin builds) want
+--static-groups.
 """
 
 
-@app.command(help=QUANTIZE_HELP)
+@app.command(help=QUANTIZE_HELP, short_help="Quantize a model (AWQ, GPTQ, RTN) into a checkpoint.")
 def quantize(
     model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct)."),
     output: str = typer.Option(..., "-o", "--output", help="Output checkpoint folder (must not exist unless --force)."),
     method: str = typer.Option("gptq", "--method", "-m", help="rtn | gptq | awq"),
     bits: int = typer.Option(4, "--bits", help="4 or 8."),
-    group_size: int = typer.Option(0, "--group-size", "-g", help="32, 64, 128 or -1 (per channel); default: largest of 128/64/32 dividing every layer."),
+    group_size: int = typer.Option(0, "--group-size", "-g", show_default=False, help="32, 64, 128 or -1 (per channel).  [default: auto = the largest of 128/64/32 dividing every layer]"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric (default: sym for rtn/gptq, asym for awq)."),
     fmt: str = typer.Option("gptq", "--format", "-f", help="gptq | awq | marlin | compressed-tensors"),
-    gptq_version: int = typer.Option(0, "--gptq-version", help="GPTQ checkpoint_format 1 (gptq) or 2 (gptq_v2); default: 1 if sym else 2."),
+    gptq_version: int = typer.Option(0, "--gptq-version", show_default=False, help="GPTQ checkpoint_format 1 (gptq) or 2 (gptq_v2).  [default: auto = 1 if sym else 2]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration .txt/.jsonl/.parquet file or pileval|c4|wikitext2 (default: bundled calib_data)."),
     nsamples: int = typer.Option(128, "--nsamples", help="Calibration samples."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
@@ -121,7 +137,7 @@ def quantize(
     block_size: int = typer.Option(128, "--block-size", help="GPTQ: lazy-update block width."),
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: grid points for the scale exponent."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search weight clipping."),
-    awq_search_tokens: int = typer.Option(0, "--awq-search-tokens", help="AWQ: calibration tokens that score the scale and clip searches (whole samples); default auto = max(4096, 2 x largest in_features)."),
+    awq_search_tokens: int = typer.Option(0, "--awq-search-tokens", show_default=False, help="AWQ: calibration tokens that score the scale and clip searches (whole samples).  [default: auto = max(4096, 2 x largest in_features)]"),
     save_search: Optional[str] = typer.Option(None, "--save-search", help="AWQ: also write the search results (scales, clip bounds) to this file."),
     load_search: Optional[str] = typer.Option(None, "--load-search", help="AWQ: apply search results from --save-search instead of searching (no calibration)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float16 | bfloat16 | float32 (load dtype)."),
@@ -145,12 +161,12 @@ def quantize(
                   f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s")
 
 
-@app.command()
+@app.command(short_help="Repack a checkpoint in another format, exactly.")
 def convert(
     checkpoint: str = typer.Argument(..., help="A quantized checkpoint folder (gptq, awq, marlin or compressed-tensors)."),
     to: str = typer.Option(..., "--to", "-t", help="gptq | awq | marlin | compressed-tensors"),
     output: str = typer.Option(..., "-o", "--output", help="Output checkpoint folder (must not exist unless --force)."),
-    gptq_version: int = typer.Option(0, "--gptq-version", help="--to gptq: checkpoint_format 1 (gptq) or 2 (gptq_v2); default: 1 if sym else 2."),
+    gptq_version: int = typer.Option(0, "--gptq-version", show_default=False, help="--to gptq: checkpoint_format 1 (gptq) or 2 (gptq_v2).  [default: auto = 1 if sym else 2]"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Repack CHECKPOINT in another format, exactly (same codes, scales, zeros, g_idx);
@@ -163,7 +179,7 @@ def convert(
           f"wrote {output}: {source['format']} -> {result['format']}, read back and verified")
 
 
-@app.command(name="eval")
+@app.command(name="eval", short_help="Perplexity, KL and top-1 agreement, side by side.")
 def eval_cmd(
     models: list[str] = typer.Argument(None, help="Models or checkpoints to evaluate side by side (default: the built-in model)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Float model for KL and top-1 agreement ('default' = built-in)."),
@@ -182,26 +198,23 @@ def eval_cmd(
     _emit(result, render_table(result))
 
 
-@app.command()
+@app.command(short_help="What a checkpoint holds: summary, errors, provenance.")
 def inspect(
     checkpoint: str = typer.Argument(..., help="A checkpoint folder written by qtool (or any quantized HF folder)."),
     verify: bool = typer.Option(False, "--verify", help="Recompute the sha256 of every file against qtool.json."),
+    layers: bool = typer.Option(False, "--layers", help="List every layer with all its stats, in layer order (default: the 5 worst)."),
 ) -> None:
-    """Method, bits, group size, format, per-layer error and calibration provenance."""
+    """A summary first (method, bits, group size, format, size on disk, worst and mean
+    layer error, how many linears are quantized), calibration provenance, then the
+    worst layers (all of them with --layers)."""
     from qtool.api import inspect_checkpoint
+    from qtool.summary import render_inspect
 
     info = inspect_checkpoint(checkpoint, verify=verify)
     if info.get("qtool") is None and "method" not in info:
         _emit(info, f"{checkpoint}: not written by qtool; quantization_config = {json.dumps(info['quantization_config'])}")
         return
-    lines = [f"{checkpoint}: {info['method']} {info['bits']}-bit group {info['group_size']} "
-             f"{'sym' if info['sym'] else 'asym'}, format {info['format']}, qtool {info['qtool_version']}"]
-    cal = info.get("calibration")
-    lines.append(f"calibration: {cal['source']} ({cal['nsamples']} x {cal['seqlen']} tokens, sha256 {cal['tokens_sha256'][:12]})"
-                 if cal else "calibration: none (rtn)")
-    for name, stats in info["layers"].items():
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
-        lines.append(f"  {name}: {shown}")
+    lines = [render_inspect(checkpoint, info, all_layers=layers)]
     if verify:
         lines.append("files: all sha256 match" if info["verified"] else f"files: MISMATCH {info['mismatched_files']}")
     _emit(info, "\n".join(lines))
@@ -220,7 +233,7 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
     return flags + [a for a in argv if a not in GLOBAL_FLAGS]
 
 
-@app.command()
+@app.command(short_help="Run layers through the dequant-matmul kernels.")
 def check(
     checkpoint: str = typer.Argument(..., help="A quantized checkpoint folder."),
     sample: Optional[int] = typer.Option(None, "--sample", help="Check this many layers, drawn with --seed (default: all on GPU, 16 on CPU)."),

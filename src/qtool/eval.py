@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.errors import UserInputError
+from qtool.hub_datasets import load_hub_dataset
 from qtool.textfiles import read_rows
 
 EVAL_DATASETS = {
@@ -63,15 +64,8 @@ def load_eval_rows(dataset: str) -> tuple[list[str], str, str]:
         local = os.environ.get(env)
         if local:
             return _rows_from_file(Path(local)), f"{dataset} (file {local})", split
-        try:
-            import datasets
-
-            rows = datasets.load_dataset(repo, config, split=split)["text"]
-        except Exception as exc:  # offline or missing: one message for the user
-            raise UserInputError(
-                f"could not load '{dataset}' through `datasets` ({type(exc).__name__}); offline, pass the file with "
-                f"--dataset PATH or set {env}=PATH"
-            ) from exc
+        rows = load_hub_dataset(repo, config, split, f"'{dataset}' ({repo})",
+                                f"offline, pass the file with --dataset PATH or set {env}=PATH")["text"]
         return list(rows), f"{dataset} ({repo})", split
     path = Path(dataset).expanduser()
     return _rows_from_file(path), f"file {path}", "as given"

@@ -12,12 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from qtool.errors import UserInputError
 from qtool.eval import load_eval_rows, protocol, protocol_dict, tokenize_rows, window_logprobs, windows, check_seqlen
+from qtool.loading import DEFAULT_MODEL_NAME
+
+BUILTIN_NAME = DEFAULT_MODEL_NAME
+BUILTIN_NOTE = ("the built-in model: float32 weights de-quantized from the Q4_1 GGUF it ships as, "
+                "so they already lie on a 4-bit grid")
+LEGEND_PPL = "ppl: perplexity, exp(mean negative log-likelihood per predicted token), lower is better."
+LEGEND_BASELINE = ("d ppl: ppl minus the baseline's. KL: mean KL divergence of the model's next-token "
+                   "distribution from the baseline's, in nats per predicted token (0 = identical). "
+                   "top1: share of predicted tokens whose most likely next token is the baseline's.")
+LEGEND_REST = ("size MB: safetensors files on disk (10^6 bytes; - for the built-in or a hub model). "
+               "time s: seconds in this model's forward passes.")
 
 
 def _size_on_disk(path: str | None) -> int | None:
@@ -45,8 +57,9 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
     if stride is not None and not 0 < stride <= seqlen:
         raise UserInputError(f"--stride must be between 1 and --seqlen ({seqlen})")
     dev = resolve_device(device)
+    progress("stage", name="dataset", detail=dataset)
     rows, desc, split = load_eval_rows(dataset)
-    names = [m if m is not None else "default" for m in models]
+    names = [m if m is not None else BUILTIN_NAME for m in models]
     entries = []
     for name, path in zip(names, models):
         progress("stage", name="load", detail=name)
@@ -55,14 +68,16 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
     base = None
     if baseline is not None:
         progress("stage", name="load baseline", detail=baseline)
-        bmodel, btok, _ = load_any(None if baseline == "default" else baseline)
-        base = {"name": baseline, "model": bmodel.to(dev), "tok": btok}
+        bpath = None if baseline == "default" else baseline
+        bmodel, btok, _ = load_any(bpath)
+        base = {"name": BUILTIN_NAME if bpath is None else baseline, "path": bpath, "model": bmodel.to(dev), "tok": btok}
     fingerprints = {e["name"]: _tokenizer_fingerprint(e["tok"]) for e in entries + ([base] if base else [])}
     if len(set(fingerprints.values())) > 1:
         raise UserInputError(
             f"the models use different tokenizers ({', '.join(fingerprints)}): evaluate them in separate calls"
         )
     tokenizer = entries[0]["tok"]
+    progress("stage", name="tokenize", detail=f"{len(rows)} rows")
     ids = tokenize_rows(rows, tokenizer)
     for e in entries + ([base] if base else []):
         check_seqlen(e["model"], seqlen)
@@ -70,7 +85,8 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
     acc = {e["name"]: {"nll": 0.0, "kl": 0.0, "agree": 0, "seconds": 0.0} for e in entries}
     base_acc = {"nll": 0.0, "seconds": 0.0}
     count = 0
-    progress("eval", name=", ".join(names), total=len(wins))
+    progress("eval", name=f"evaluating {len(entries)} model(s)" + (" and the baseline" if base else ""),
+             total=len(wins), unit="window")
     for i, (start, offset) in enumerate(wins):
         base_logp = None
         if base is not None:
@@ -107,21 +123,45 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
         })
     out = {"protocol": protocol_dict(proto), "results": results}
     if base is not None:
-        out["baseline"] = {"model": base["name"], "ppl": base_ppl, "seconds": round(base_acc["seconds"], 2)}
+        out["baseline"] = {"model": base["name"], "ppl": base_ppl, "seconds": round(base_acc["seconds"], 2),
+                           "size_bytes": _size_on_disk(base["path"]),
+                           "note": BUILTIN_NOTE if base["path"] is None else None}
     return out
 
 
-def render_table(result: dict) -> str:
-    """Plain-text table (rich renders the same content in a terminal via the CLI)."""
-    lines = [f"protocol: {result['protocol']['description']}"]
-    if "baseline" in result:
-        lines.append(f"baseline: {result['baseline']['model']} ppl {result['baseline']['ppl']:.4f}")
-    header = f"{'model':<40} {'ppl':>10} {'d ppl':>9} {'KL':>9} {'top1':>7} {'size MB':>9} {'time s':>8}"
-    lines += [header, "-" * len(header)]
-    for r in result["results"]:
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+def render_table(result: dict, width: int = 80) -> str:
+    """Plain-text table: the protocol, one row for the baseline (when given) and one per
+    model, and a legend of the columns under it; ``width`` columns wide."""
+    lines = textwrap.wrap(f"protocol: {result['protocol']['description']}", width)
+    base = result.get("baseline")
+    rows = [{**base, "delta_ppl": 0.0, "kl_mean": 0.0, "top1_agreement": 1.0, "model": f"{base['model']} (baseline)"}
+            ] if base else []
+    rows += result["results"]
+    if any(r["model"] == BUILTIN_NAME for r in result["results"]) or (base and base["model"] == BUILTIN_NAME):
+        lines += textwrap.wrap(f"{BUILTIN_NAME} is {BUILTIN_NOTE}.", width)
+    name_w = min(max(10, *(len(r["model"]) for r in rows)), width - 47)
+    header = f"{'model':<{name_w}} {'ppl':>8} {'d ppl':>7} {'KL':>6} {'top1':>7} {'size MB':>7} {'time s':>6}"
+    lines += ["", header, "-" * len(header)]
+
+    def cell(value, spec: str, cell_w: int) -> str:
+        return f"{'-':>{cell_w}}" if value is None else format(value, spec)
+
+    def num(value, cell_w: int, sign: str = "") -> str:
+        # three decimals while they fit the column, fewer for large values
+        for digits in (3, 2, 1, 0):
+            text = format(value, f"{sign}.{digits}f")
+            if len(text) <= cell_w:
+                break
+        return f"{text:>{cell_w}}"
+
+    for r in rows:
+        name = r["model"] if len(r["model"]) <= name_w else "…" + r["model"][-(name_w - 1):]
         size = None if r["size_bytes"] is None else r["size_bytes"] / 1e6
-        top1 = None if r["top1_agreement"] is None else 100 * r["top1_agreement"]
-        lines.append(f"{r['model'][-40:]:<40} {r['ppl']:>10.4f} {fmt(r['delta_ppl'], '+9.4f')} {fmt(r['kl_mean'], '9.5f')} "
-                     f"{fmt(top1, '6.2f')}% {fmt(size, '9.1f')} {r['seconds']:>8.1f}")
+        top1 = None if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%"
+        d_ppl = None if r["delta_ppl"] is None else num(r["delta_ppl"], 7, "+")
+        lines.append(f"{name:<{name_w}} {num(r['ppl'], 8)} {cell(d_ppl, '>7', 7)} "
+                     f"{cell(r['kl_mean'], '6.4f', 6)} {cell(top1, '>7', 7)} {cell(size, '7.1f', 7)} {r['seconds']:>6.1f}")
+    lines.append("")
+    legend = " ".join((LEGEND_PPL, LEGEND_BASELINE if base else "d ppl, KL, top1: only with --baseline.", LEGEND_REST))
+    lines += textwrap.wrap(legend, width)
     return "\n".join(lines)

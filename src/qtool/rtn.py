@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from qtool.layer_error import layer_errors
 from qtool.qtensor import QuantizedWeight
 
 
@@ -186,5 +187,8 @@ class RTNMethod:
         for name in ctx.spec.linears:
             lin = ctx.linear(name)
             qw = rtn_quantize(lin.weight, ctx.config.bits, ctx.config.group_size, ctx.config.symmetric, lin.bias)
-            out[name] = LayerResult(qw, {"weight_rel_err": weight_error(lin.weight, qw.dequantize())})
+            deq = qw.dequantize()
+            # weight_rel_err: the squared ratio, kept for older readers of qtool.json
+            out[name] = LayerResult(qw, {"weight_rel_err": weight_error(lin.weight, deq),
+                                         **layer_errors(lin.weight, deq)})
         return out

@@ -35,9 +35,10 @@ from qtool.awq.search_io import empty_search, search_from_json, search_to_json
 from qtool.awq.stats import collect_block_stats, search_chunk_count
 from qtool.config import AWQ_MIN_SEARCH_TOKENS
 from qtool.errors import NumericsError, UserInputError
+from qtool.layer_error import OUTPUT_KEY, WEIGHT_KEY, layer_errors
 from qtool.models.base import ScaleGroup
 from qtool.pipeline import BlockContext, LayerResult
-from qtool.rtn import rtn_quantize, weight_error
+from qtool.rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,12 @@ class AWQMethod:
                               None if bound is None else bound.to(lin.weight.device))
             info = dict(plan.layer_stats.get(name, {}))
             # both errors are measured in the scaled space (W s, x / s), where AWQ quantizes
-            info["weight_rel_err"] = weight_error(lin.weight.detach().cpu(), qw.dequantize())
-            if plan.grams is not None:
-                info["out_rel_err"] = _output_rel_err(lin.weight, qw, plan.grams[name])
+            deq = qw.dequantize().to(lin.weight.device)
+            info.update(layer_errors(lin.weight, deq, None if plan.grams is None else plan.grams[name]))
+            # the squared ratios under their first names, kept for older readers of qtool.json
+            info["weight_rel_err"] = (info[WEIGHT_KEY] / 100) ** 2
+            if OUTPUT_KEY in info:
+                info["out_rel_err"] = (info[OUTPUT_KEY] / 100) ** 2
             out[name] = LayerResult(qw, info)
         return out
 
@@ -219,13 +223,3 @@ def _foldable(ctx: BlockContext, group: ScaleGroup) -> bool:
         return True
     prev = ctx.block.get_submodule(group.prev)
     return isinstance(prev, nn.Linear) and all(ctx.linear(n).in_features == prev.out_features for n in group.linears)
-
-
-def _output_rel_err(weight: torch.Tensor, qweight, gram: torch.Tensor) -> float:
-    """``||(W - deq) X^T||^2 / ||W X^T||^2`` on the search tokens, from ``X^T X``."""
-    w = weight.detach().float()
-    h = gram.to(w.device, torch.float32)
-    dw = w - qweight.dequantize().to(w.device)
-    num = float(((dw @ h) * dw).sum(dtype=torch.float64))
-    den = float(((w @ h) * w).sum(dtype=torch.float64))
-    return num / den if den > 0 else 0.0

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from qtool.gptq.hessian import HessianAccumulator
 from qtool.gptq.solver import gptq_quantize
+from qtool.layer_error import layer_errors
 from qtool.pipeline import BlockContext, LayerResult, _StopForward
 
 
@@ -83,8 +84,9 @@ class GPTQMethod:
             qw = res.qweight
             if lin.bias is not None:
                 qw = replace(qw, bias=lin.bias.detach().to("cpu").clone())
+            errors = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device), hessian)  # before write-back
             ctx.write_back(name, qw)
-            self.out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used,
+            self.out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used, **errors,
                                               "seconds": round(time.perf_counter() - t0, 3)})
 
     def _replayed_stages(self, ctx: BlockContext) -> None:
