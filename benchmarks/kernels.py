@@ -1,9 +1,10 @@
 """Benchmark the W4A16 dequant-matmul kernels against fp16 cuBLAS on LLM layer shapes.
 
 For every M in 1..128 and (K, N) in the Llama-style list below it times, in one run on one
-device, ``torch.matmul`` with an fp16 weight (cuBLAS; the baseline), the Triton GPTQ kernel
-and the Triton Marlin kernel (4-bit, group 128, symmetric, random packed weights built
-directly), and reports time, speedup over cuBLAS and achieved memory bandwidth (bytes that
+device, ``torch.matmul`` with an fp16 weight (cuBLAS; the baseline), the Triton GPTQ kernel,
+the same kernel on an act-order layer as it is loaded (rows sorted by group, the activations
+gathered through ``perm`` in the A load: column ``GPTQ-ao``) and the Triton Marlin kernel
+(4-bit, group 128, symmetric, random packed weights built directly), and reports time, speedup over cuBLAS and achieved memory bandwidth (bytes that
 must move: packed weight + scales (+ zeros) + activations + output) against the device's
 peak. Before timing, each shape is checked against the torch reference once.
 
@@ -96,7 +97,7 @@ def run(args) -> dict:
     peak = peak_gbps(name, args.peak_gbps)
     g = args.group_size
     rows = []
-    header = f"{'M':>4} {'K':>6} {'N':>6} | {'cuBLAS':>8} {'GPTQ':>8} {'Marlin':>8} ms | {'xGPTQ':>6} {'xMarlin':>7} | {'GPTQ GB/s':>9} {'Marlin GB/s':>11}"
+    header = f"{'M':>4} {'K':>6} {'N':>6} | {'cuBLAS':>8} {'GPTQ':>8} {'GPTQ-ao':>8} {'Marlin':>8} ms | {'xGPTQ':>6} {'xGPTQ-ao':>8} {'xMarlin':>7} | {'GPTQ GB/s':>9} {'Marlin GB/s':>11}"
     if peak:
         header += f" | {'%peak G':>7} {'%peak M':>7}"
     print(
@@ -108,6 +109,8 @@ def run(args) -> dict:
         gptq = partial(
             gptq_matmul, qweight=t["qweight"], qzeros=t["qzeros"], scales=t["scales"], group_size=g
         )
+        perm = torch.randperm(k, device=DEVICE).to(torch.int32)  # act-order, sorted by group
+        gptq_ao = partial(gptq, perm=perm)
         marlin = partial(marlin_matmul, B=t["B"], s=t["s"], k=k, n=n, group_size=g)
         x = torch.randn(16, k, device=DEVICE, dtype=torch.float16)
         err_g = _rel_err(
@@ -116,12 +119,19 @@ def run(args) -> dict:
                 x, t["qweight"], t["qzeros"], t["scales"], None, group_size=g
             ),
         )
+        err_ao = _rel_err(
+            gptq_ao(x),
+            reference.gptq_matmul_ref(
+                x, t["qweight"], t["qzeros"], t["scales"], None, group_size=g, perm=perm
+            ),
+        )
         err_m = _rel_err(
             marlin(x), reference.marlin_matmul_ref(x, t["B"], t["s"], k=k, n=n, group_size=g)
         )
-        if max(err_g, err_m) > CHECK_TOL:
+        if max(err_g, err_ao, err_m) > CHECK_TOL:
             print(
-                f"WARNING: (K={k}, N={n}) kernel differs from the reference: GPTQ {err_g:.2e}, Marlin {err_m:.2e}"
+                f"WARNING: (K={k}, N={n}) kernel differs from the reference: GPTQ {err_g:.2e}, "
+                f"GPTQ act-order {err_ao:.2e}, Marlin {err_m:.2e}"
             )
         scale_bytes = (k // g) * n * 2
         for m in args.m:
@@ -131,6 +141,7 @@ def run(args) -> dict:
             calls = {
                 "cublas": partial(torch.matmul, x, w16),
                 "gptq": partial(gptq, x),
+                "gptq_actorder": partial(gptq_ao, x),
                 "marlin": partial(marlin, x),
             }
             for label, fn in calls.items():
@@ -142,6 +153,7 @@ def run(args) -> dict:
             nbytes = {
                 "cublas": k * n * 2 + io,
                 "gptq": k * n // 2 + scale_bytes + (k // g) * n // 2 + io,
+                "gptq_actorder": k * n // 2 + scale_bytes + (k // g) * n // 2 + k * 4 + io,
                 "marlin": k * n // 2 + scale_bytes + io,
             }
             gbps = {key: nbytes[key] / (times[key] * 1e-3) / 1e9 for key in times}
@@ -153,15 +165,18 @@ def run(args) -> dict:
                 "gbps": gbps,
                 "speedup_vs_cublas": {
                     "gptq": times["cublas"] / times["gptq"],
+                    "gptq_actorder": times["cublas"] / times["gptq_actorder"],
                     "marlin": times["cublas"] / times["marlin"],
                 },
                 "pct_peak": {key: 100 * v / peak for key, v in gbps.items()} if peak else None,
-                "check_rel_err_m16": {"gptq": err_g, "marlin": err_m},
+                "check_rel_err_m16": {"gptq": err_g, "gptq_actorder": err_ao, "marlin": err_m},
             }
             rows.append(row)
             line = (
-                f"{m:>4} {k:>6} {n:>6} | {times['cublas']:>8.4f} {times['gptq']:>8.4f} {times['marlin']:>8.4f}    | "
-                f"{row['speedup_vs_cublas']['gptq']:>6.2f} {row['speedup_vs_cublas']['marlin']:>7.2f} | "
+                f"{m:>4} {k:>6} {n:>6} | {times['cublas']:>8.4f} {times['gptq']:>8.4f} "
+                f"{times['gptq_actorder']:>8.4f} {times['marlin']:>8.4f}    | "
+                f"{row['speedup_vs_cublas']['gptq']:>6.2f} {row['speedup_vs_cublas']['gptq_actorder']:>8.2f} "
+                f"{row['speedup_vs_cublas']['marlin']:>7.2f} | "
                 f"{gbps['gptq']:>9.0f} {gbps['marlin']:>11.0f}"
             )
             if peak:
@@ -180,7 +195,9 @@ def run(args) -> dict:
 
 
 def compile_check() -> int:
-    """Compile every autotune config of both kernels for sm_90 (no GPU) and print usage."""
+    """Compile every autotune config of both kernels for sm_90 (no GPU) and print usage, for
+    the three variants loaded checkpoints use: plain, act-order sorted by group (``perm``:
+    the activation gather), and the per-row ``g_idx`` fallback."""
     import warnings
 
     from qtool.kernels._aot import compile_variant
@@ -190,22 +207,20 @@ def compile_check() -> int:
     common = {"HAS_BIAS": False, "INPUT_PRECISION": "tf32", "DOT_F32": False}
     bases = {
         "gptq": dict(BITS=4, GROUP_SIZE=GROUP_SIZE, ZERO_OFFSET=1, HAS_ZEROS=True, **common),
-        "marlin": dict(
-            GROUP_SIZE=GROUP_SIZE, GROUPED_SCALES=True, HAS_ZEROS=False, HAS_PERM=False, **common
-        ),
+        "marlin": dict(GROUP_SIZE=GROUP_SIZE, GROUPED_SCALES=True, HAS_ZEROS=False, **common),
     }
     spills = 0
     for kernel, base in bases.items():
-        for g_idx in (False, True):
+        for g_idx, perm in ((False, False), (False, True), (True, False)):
             for atomic, configs in ((False, TILE_CONFIGS), (True, SPLIT_K_CONFIGS)):
                 for cfg in configs:
-                    c = compile_variant(
-                        kernel, "float16", {**base, "HAS_G_IDX": g_idx, "ATOMIC": atomic}, cfg
-                    )
+                    consts = {**base, "HAS_G_IDX": g_idx, "HAS_PERM": perm, "ATOMIC": atomic}
+                    c = compile_variant(kernel, "float16", consts, cfg)
                     kw = cfg.kwargs
                     spills += c.spill_stack_bytes > 0
                     print(
-                        f"{kernel:6} g_idx={g_idx!s:5} {kw['BLOCK_M']:>3}x{kw['BLOCK_N']:<3}x{kw['BLOCK_K']:<3} "
+                        f"{kernel:6} g_idx={g_idx!s:5} perm={perm!s:5} "
+                        f"{kw['BLOCK_M']:>3}x{kw['BLOCK_N']:<3}x{kw['BLOCK_K']:<3} "
                         f"split={kw['SPLIT_K']:<2} warps={cfg.num_warps} stages={cfg.num_stages}: "
                         f"regs={c.registers} spill={c.spill_stack_bytes}B smem={c.shared_bytes}B",
                         flush=True,
@@ -246,7 +261,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(
             f"shape list ok: {len(SHAPES)} (K, N) x {len(args.m)} M = {len(SHAPES) * len(args.m)} points; "
-            f"group {args.group_size}; kernels: cuBLAS fp16, GPTQ (Triton), Marlin (Triton)"
+            f"group {args.group_size}; kernels: cuBLAS fp16, GPTQ (Triton), GPTQ act-order "
+            f"(Triton, rows sorted + perm), Marlin (Triton)"
         )
         for k, n in SHAPES:
             print(

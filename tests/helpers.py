@@ -34,3 +34,25 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> CliResult:
         sys.argv = old
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
+
+
+RUN_DEPENDENT = ("timings_s", "resumed_from_block")
+
+
+def file_digests(folder) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder; qtool.json without its run-dependent
+    entries (timings, the block a run resumed from)."""
+    import hashlib
+
+    out = {}
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        if f.name == "qtool.json":
+            record = json.loads(data)
+            for key in RUN_DEPENDENT:
+                record.pop(key, None)
+            for stats in record["layers"].values():
+                stats.pop("seconds", None)
+            data = json.dumps(record, sort_keys=True).encode()
+        out[f.name] = hashlib.sha256(data).hexdigest()
+    return out

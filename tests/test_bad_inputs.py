@@ -160,7 +160,7 @@ def test_interrupt_during_save_leaves_nothing_then_resume_finishes(tmp_path, min
     with pytest.raises(KeyboardInterrupt):
         api_quantize(str(mini_llama), out, config)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
-    assert (tmp_path / "out.qtool-work" / "state.json").is_file()
+    assert (tmp_path / "out.qtool-work" / "block-0001").is_dir()  # both blocks committed
     monkeypatch.setattr(qtool.io, "_write_shards", real)
     record = api_quantize(str(mini_llama), out, config, resume=True)
     assert record["resumed_from_block"] == 2 and (out / "model.safetensors").is_file()

@@ -612,9 +612,11 @@ def test_packed_linear(fmt, name):
     if bias is not None:
         tensors["bias"] = bias
     layer = PackedLinear(fmt, tensors, kernel="triton", **meta)
-    assert set(layer.state_dict()) == set(tensors)
-    # a trivial g_idx (GPTQ always stores one; Marlin's sorted one) is not handed to the kernel
-    assert ("g_idx" in layer.packed_tensors()) == (fmt == "gptq" and "actorder" in name)
+    # a trivial g_idx (GPTQ always stores one; Marlin's sorted one) is dropped, and act-order
+    # GPTQ rows are sorted by group with a perm: no g_idx reaches the kernel
+    sorted_rows = "actorder" in name
+    expected = (set(tensors) - {"g_idx"}) | ({"perm"} if sorted_rows else set())
+    assert set(layer.state_dict()) == set(layer.packed_tensors()) == expected
     x = rand_x(4, layer.in_features, torch.float16).reshape(2, 2, -1)
     assert_close(layer(x), ref(x), torch.float16)
 
@@ -645,7 +647,10 @@ def test_check_layers():
         and "s must have shape" in res[3].error
     )
     sampled = check_layers(layers, kernel="torch", sample=2, seed=3)
-    assert len(sampled) == 2 and all(r.worst_rel_error in (0.0, float("inf")) for r in sampled)
+    # the torch kernel runs the loaded layout (act-order rows sorted): equal up to fp32 order
+    assert len(sampled) == 2 and all(
+        r.worst_rel_error <= 1e-6 or r.worst_rel_error == float("inf") for r in sampled
+    )
 
 
 @pytest.mark.parametrize(
@@ -680,6 +685,256 @@ def test_packer_outputs_run_through_kernels(fmt, sym, act_order, options):
     assert_close(y, x @ layer["w"].to(DEVICE), torch.float32)
 
 
+# ------------------------------------------------------- strides and large offsets
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous tensor: 2-D transposed storage, 1-D stride 2."""
+    out = t.T.contiguous().T if t.dim() == 2 else torch.stack([t, t], dim=1)[:, 0]
+    assert torch.equal(out, t) and not out.is_contiguous()
+    return out
+
+
+GPTQ_STRIDED = [
+    "x_transposed", "x_3d_permuted", "qweight", "qzeros", "scales", "g_idx", "perm", "bias"
+]
+
+
+@pytest.mark.parametrize("which", GPTQ_STRIDED)
+def test_gptq_kernel_reads_non_contiguous_tensors(which):
+    """Every tensor may arrive with any strides (a transposed or sliced view): the result
+    equals the reference on contiguous copies. Before the wrappers made the packed tensors
+    contiguous, each of those cases returned a wrong result without an error."""
+    _, t, meta, bias = build_gptq("asym_v2_g32_partial")
+    k = 200
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+    args = {**t, "perm": perm.to(DEVICE), "bias": bias}
+    x = rand_x(6, k, torch.float32)
+    ref = R.gptq_matmul_ref(x, **{n: args[n] for n in ("qweight", "qzeros", "scales", "g_idx")},
+                            bits=4, version=2, bias=bias, perm=args["perm"]).reshape(2, 3, -1)
+    x = x.reshape(2, 3, k)
+    if which == "x_transposed":
+        x = x.reshape(6, k).T.contiguous().T.reshape(2, 3, k)
+        assert x.stride()[-1] != 1
+    elif which == "x_3d_permuted":  # not viewable as [m, k]: the wrapper's reshape copies
+        x = x.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+        assert not x.is_contiguous()
+    else:
+        args[which] = strided(args[which])
+    y = gptq_triton.gptq_matmul(
+        x, args["qweight"], args["qzeros"], args["scales"], args["g_idx"], bits=4, version=2,
+        perm=args["perm"], bias=args["bias"], config=CFG,
+    )
+    assert_close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("which", ["x_transposed", "B", "s", "zp", "bias", "perm", "g_idx"])
+def test_marlin_kernel_reads_non_contiguous_tensors(which):
+    name = "actorder_g32" if which in ("perm", "g_idx") else "zp_g64"
+    _, t, meta, bias = build_marlin(name)
+    args = {**t, "bias": bias}
+    x = rand_x(5, meta["k"], torch.float32)
+    ref = marlin_ref(x, t, meta, bias)
+    if which == "x_transposed":
+        x = x.T.contiguous().T
+    else:
+        args[which] = strided(args[which])
+    y = marlin_triton.marlin_matmul(
+        x, args["B"], args["s"], zp=args.get("zp"), perm=args.get("perm"),
+        g_idx=args.get("g_idx"), bias=args["bias"], config=CFG, **meta,
+    )
+    assert_close(y, ref, torch.float32)
+
+
+def test_row_offsets_past_int32_are_addressed_in_int64(tmp_path):
+    """``m * stride_xm`` and ``m * N`` beyond 2**31 elements. The activations are a view
+    with a row stride of 2**30 + 64 into a sparse, memory-mapped 4 GB file (only the rows
+    read touch memory), so rows 2 and 3 start past element 2**31; the output check stores
+    tiles through ``store_out`` into a sparse [4, 2**30 + 64] file the same way. With int32
+    offsets both wrapped and read or wrote wild addresses (a segfault here). The weights'
+    row offsets (``K/per * N``) use the same int64 arithmetic but cannot be exercised on CPU:
+    that needs a weight of 2**31 words that the kernel reads in full."""
+    code = textwrap.dedent(f"""
+        import sys, torch, triton, triton.language as tl
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_kernels as T
+        from qtool.kernels._device import store_out
+
+        def sparse(name, numel, dtype):
+            path = {str(tmp_path)!r} + "/" + name
+            with open(path, "wb") as f:
+                f.truncate(numel * torch.empty(0, dtype=dtype).element_size())
+            return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+
+        stride, m = 2**30 + 64, 4
+        _, tg, mg, _ = T.build_gptq("sym_v1_g64")
+        _, tm, mm, _ = T.build_marlin("sym_g64")
+        x = sparse("x.bin", stride * (m - 1) + 128, torch.float16).as_strided((m, 128), (stride, 1))
+        x.copy_(torch.randn(m, 128, generator=torch.Generator().manual_seed(0)).half())
+        y = T.gptq_triton.gptq_matmul(x, tg["qweight"], tg["qzeros"], tg["scales"], None,
+                                      group_size=64, config=T.CFG)
+        T.assert_close(y, T.gptq_ref(x.clone(), tg, mg, None), torch.float16)
+        y = T.marlin_triton.marlin_matmul(x, tm["B"], tm["s"], config=T.CFG, **mm)
+        T.assert_close(y, T.marlin_ref(x.clone(), tm, mm, None), torch.float16)
+
+        @triton.jit
+        def store_tile(out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            offs_m = tl.arange(0, BLOCK_M)
+            offs_n = tl.arange(0, BLOCK_N)
+            acc = (offs_m[:, None] * BLOCK_N + offs_n[None, :]).to(tl.float32)
+            store_out(out_ptr, acc, out_ptr, offs_m, offs_n, M, N, 0, False, False)
+
+        out = sparse("out.bin", m * stride, torch.float32).view(m, stride)
+        store_tile[(1,)](out, m, stride, BLOCK_M=m, BLOCK_N=16)
+        expected = torch.arange(m * 16, dtype=torch.float32).view(m, 16)
+        assert torch.equal(out[:, :16], expected), out[:, :16]
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+
+
+# ------------------------------------------------- act-order: rows sorted by group
+
+
+@pytest.fixture()
+def launches(monkeypatch):
+    """The constexprs of every kernel launch made while the test runs."""
+    from qtool.kernels import _launch
+
+    seen, real = [], _launch.launch
+
+    def spy(plan, jit_fn, tiles, split, grid, args, constexprs):
+        seen.append({**constexprs, **(plan.config.kwargs if plan.config else {})})
+        return real(plan, jit_fn, tiles, split, grid, args, constexprs)
+
+    monkeypatch.setattr(_launch, "launch", spy)
+    return seen
+
+
+def _assert_tile_path(launches, group_size):
+    """Every launch had rows sorted (perm), no g_idx, and K tiles inside one group."""
+    assert launches and all(
+        not c["HAS_G_IDX"]
+        and c["HAS_PERM"]
+        and c["GROUP_SIZE"] == group_size
+        and group_size % c.get("BLOCK_K", group_size) == 0  # autotuned on GPU: pruned so
+        for c in launches
+    ), launches
+
+
+# (k, n, group_size, bits, version, sym): odd k with a partial last group, n not a power of 2
+ACT_ORDER_GPTQ = {
+    "sym_v1_4bit": (200, 72, 64, 4, 1, True),
+    "asym_v2_8bit": (136, 40, 32, 8, 2, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ACT_ORDER_GPTQ)
+def test_act_order_gptq_runs_sorted_on_the_tile_path(case, dtype, launches):
+    """An act-order GPTQ layer (random non-monotone g_idx, as GPTQ writes it: every group
+    holds group_size channels) loaded through kernel_layout reaches the kernel with its rows
+    sorted by group, a perm and no g_idx (tile-uniform scales), and equals the reference
+    computed from the checkpoint's own tensors."""
+    from qtool.kernels.layout import kernel_layout
+
+    k, n, g, bits, version, sym = ACT_ORDER_GPTQ[case]
+    layer = random_layer(k, n, g, seed=k + n, sym=sym, bits=bits, act_order=True,
+                         zero_min=1 if version == 1 else 0)
+    assert bool((layer["g_idx"][1:] < layer["g_idx"][:-1]).any())  # really non-monotone
+    t = to_dev(gptq_tensors(layer, bits=bits, version=version))
+    meta = {"bits": bits, "version": version, "group_size": g}
+    loaded, loaded_meta = kernel_layout("gptq", t, meta)
+    assert "g_idx" not in loaded and loaded["perm"].dtype == torch.int32
+    assert loaded_meta["group_size"] == g
+    x = rand_x(5, k, dtype)
+    ref = gptq_ref(x, t, meta, None)
+    y = gptq_triton.gptq_matmul(x, **loaded, **loaded_meta)
+    assert_close(y, ref, dtype)
+    _assert_tile_path(launches, g)
+    assert_close(ref, (x.float() @ layer["w"].to(DEVICE)).to(dtype), dtype)  # the layer itself
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_act_order_marlin_runs_on_the_tile_path(dtype, launches):
+    """Marlin stores act-order rows sorted, with perm and the sorted g_idx; loaded through
+    kernel_layout, the sorted g_idx (= row // group_size) is dropped and the tile path runs."""
+    from qtool.kernels.layout import kernel_layout
+
+    k, n, g = 208, 128, 64
+    layer = random_layer(k, n, g, seed=9, act_order=True)
+    t = to_dev(marlin_tensors(layer, k, g, act_order=True))
+    loaded, loaded_meta = kernel_layout("marlin", t, {"group_size": g})
+    assert set(loaded) == {"B", "s", "perm"}
+    x = rand_x(5, k, dtype)
+    y = marlin_triton.marlin_matmul(x, loaded["B"], loaded["s"], perm=loaded["perm"], k=k, n=n,
+                                    **loaded_meta)
+    assert_close(y, marlin_ref(x, t, {"k": k, "n": n, "group_size": g}, None), dtype)
+    _assert_tile_path(launches, g)
+
+
+def test_unequal_groups_keep_the_g_idx_fallback(launches):
+    """A g_idx whose groups are not all group_size channels (never written by GPTQ) cannot
+    be sorted into contiguous groups: it stays, and the per-row path gives the exact result."""
+    from qtool.kernels.layout import kernel_layout
+
+    k, n, g = 128, 64, 32
+    layer = random_layer(k, n, g, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    g_idx = torch.cat([torch.arange(4), torch.randint(0, 4, (k - 4,), generator=gen)])
+    g_idx = g_idx[torch.randperm(k, generator=gen)].to(torch.int32)
+    t = to_dev({**gptq_tensors(layer), "g_idx": g_idx})
+    meta = {"bits": 4, "version": 1, "group_size": g}
+    loaded, loaded_meta = kernel_layout("gptq", t, meta)
+    assert "perm" not in loaded and torch.equal(loaded["g_idx"], t["g_idx"])
+    x = rand_x(3, k, torch.float32)
+    y = quant_matmul(x, "gptq", loaded, kernel="triton", **loaded_meta)
+    assert_close(y, gptq_ref(x, t, meta, None), torch.float32)
+    assert [c["HAS_G_IDX"] for c in launches] == [True]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_layout_pack_along_k_inverts_unpack(bits):
+    from qtool.kernels.layout import pack_along_k as pack
+
+    codes = torch.randint(0, 2**bits, (64, 24), generator=torch.Generator().manual_seed(bits))
+    words = pack(codes, bits)
+    assert torch.equal(words, pack_along_k(codes, bits))  # the test's own packer
+    assert torch.equal(R.unpack_along_k(words, bits), codes.to(torch.int32))
+
+
+def test_check_and_packed_linear_run_act_order_without_g_idx(launches, monkeypatch):
+    """qtool check (check_layers) and packed inference (PackedLinear) both hand act-order
+    layers to the kernel sorted, with no g_idx; check compares against the checkpoint's
+    own tensors, so a wrong relayout would fail it."""
+    from qtool.kernels.layout import kernel_layout
+
+    _, tg, mg, _ = build_gptq("actorder_sym_v1_g32")
+    _, tm, _, _ = build_marlin("actorder_g32")
+    layers = {
+        "a.q_proj": ("gptq", {k: v for k, v in tg.items() if v is not None}, mg),
+        "a.k_proj": ("marlin", tm, {"group_size": 32}),
+    }
+    res = check_layers(layers, kernel="triton", seed=2)
+    assert all(r.ok and r.worst_rel_error <= 1e-5 for r in res), res
+    _assert_tile_path(launches, 32)
+    launches.clear()
+    layer = PackedLinear("gptq", layers["a.q_proj"][1], kernel="triton", **mg)
+    x = rand_x(3, 72, torch.float16)
+    assert_close(layer(x), gptq_ref(x, tg, mg, None), torch.float16)
+    _assert_tile_path(launches, 32)
+
+    def forgets_perm(fmt, tensors, meta):  # a relayout bug: rows sorted, x not gathered
+        t, m = kernel_layout(fmt, tensors, meta)
+        return {k: v for k, v in t.items() if k != "perm"}, m
+
+    monkeypatch.setattr("qtool.kernels.check.kernel_layout", forgets_perm)
+    assert [r.ok for r in check_layers(layers, kernel="torch")] == [False, False]
+
+
 # ----------------------------------------------------------- GPU compile (no GPU)
 
 
@@ -691,7 +946,7 @@ def test_kernels_compile_for_sm90():
         from qtool.kernels._aot import compile_variant
         from qtool.kernels._launch import SPLIT_K_CONFIGS, TILE_CONFIGS
         common = dict(HAS_BIAS=True, INPUT_PRECISION="tf32", DOT_F32=False)
-        g = dict(BITS=4, GROUP_SIZE=128, ZERO_OFFSET=1, HAS_ZEROS=True, **common)
+        g = dict(BITS=4, GROUP_SIZE=128, ZERO_OFFSET=1, HAS_ZEROS=True, HAS_PERM=True, **common)
         m = dict(GROUP_SIZE=128, GROUPED_SCALES=True, HAS_ZEROS=True, HAS_PERM=True, **common)
         for kernel, base in (("gptq", g), ("marlin", m)):
             for gidx, atomic, config, act in ((False, True, SPLIT_K_CONFIGS[1], "float16"),

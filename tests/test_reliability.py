@@ -3,7 +3,6 @@ files, byte-identical reruns, sha256 verification."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -14,26 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from qtool.resume import WorkDir
+
 from conftest import make_mini_model
-from helpers import run_cli
-
-RUN_DEPENDENT = ("timings_s", "resumed_from_block")
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file; qtool.json without its run-dependent entries (timings)."""
-    out = {}
-    for f in sorted(folder.iterdir()):
-        data = f.read_bytes()
-        if f.name == "qtool.json":
-            record = json.loads(data)
-            for key in RUN_DEPENDENT:
-                record.pop(key, None)
-            for stats in record["layers"].values():
-                stats.pop("seconds", None)
-            data = json.dumps(record, sort_keys=True).encode()
-        out[f.name] = hashlib.sha256(data).hexdigest()
-    return out
+from helpers import file_digests, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +46,10 @@ def reference_run(tmp_path_factory, deep_mini, calib_file):
 def _interrupt(cmd, out: Path, sig: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "QTOOL_TEST_BLOCK_DELAY": "0.5"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    state = out.parent / f"{out.name}.qtool-work" / "state.json"
+    second = out.parent / f"{out.name}.qtool-work" / "block-0001"  # committed: two blocks done
     deadline = time.time() + 120
     while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text())["next_block"] >= 2:
+        if second.is_dir():
             break
         time.sleep(0.02)
     proc.send_signal(sig)
@@ -86,7 +69,7 @@ def test_interrupt_then_resume_is_byte_identical(tmp_path, deep_mini, calib_file
         assert res.returncode == -signal.SIGKILL
     assert not out.exists()  # nothing half-written under the output path
     work = tmp_path / "out.qtool-work"
-    assert 2 <= json.loads((work / "state.json").read_text())["next_block"] < 5
+    assert 2 <= WorkDir(work).next_block < 5
     subprocess.run(cmd + ["--resume"], check=True)
     assert file_digests(out) == file_digests(reference_run)
     assert not work.exists()  # cleaned up after success

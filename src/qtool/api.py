@@ -16,7 +16,7 @@ from qtool import __version__
 from qtool.config import QuantizeConfig, resolve_awq_search_tokens, resolve_group_size
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import check_output_path, format_options, load_quantized_model, read_qtool_json, sha256_file
-from qtool.loading import load_model, resolve
+from qtool.loading import load_model, resolve, source_paths
 from qtool.models import get_blocks, spec_for
 from qtool.pack import get_format
 
@@ -80,23 +80,28 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
 
 
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
-             device: str = "auto", force: bool = False, resume: bool = False, progress: Progress = _quiet) -> dict:
+             device: str = "auto", force: bool = False, resume: bool = False, restart: bool = False,
+             progress: Progress = _quiet) -> dict:
     """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
 
-    Finished blocks are saved in a work folder beside the output; SIGINT/SIGTERM stop at
-    the next block boundary and ``resume=True`` continues from there (byte-identical to an
-    uninterrupted run). Returns the ``qtool.json`` record."""
+    Finished blocks are committed to a work folder beside the output; SIGINT/SIGTERM stop
+    at the next block boundary, and after any stop (a kill included) ``resume=True``
+    continues from there (byte-identical to an uninterrupted run). An existing work folder
+    needs ``resume`` or ``restart`` (discard it). ``output`` (and the work folder) may not
+    be, lie inside or contain the source model, even with ``force``. Returns the
+    ``qtool.json`` record."""
     from qtool.calib import load_calibration
     from qtool.io import save_checkpoint
     from qtool.methods import get_method
     from qtool.pipeline import BlockInputs, capture_inputs, quantize_model
-    from qtool.resume import WorkDir, fingerprint, model_fingerprint
+    from qtool.resume import WorkDir, check_work_dir, fingerprint, model_fingerprint
 
     t_start = time.perf_counter()
-    check_output_path(output, force)
+    source = resolve(model)
+    check_output_path(output, force, source_paths(source))
+    check_work_dir(output, resume, restart, source_paths(source))
     check_format_options(config)
     dev = resolve_device(device)
-    source = resolve(model)
     progress("stage", name="load", detail=source.display)
     hf_model, tokenizer, folder = load_model(source, dtype)
     spec, config, shapes = plan(hf_model, config)
@@ -108,7 +113,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         calib = load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
     fp = fingerprint(model_fingerprint(folder, None if folder else source.path),
                      None if calib is None else calib.sha256, {**config.to_dict(), "dtype": dtype, "device": dev.type})
-    work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp)
+    work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp, restart)
     blocks = get_blocks(hf_model, spec)
     start, done, inputs = work.next_block, {}, None
     if start:

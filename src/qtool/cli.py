@@ -144,9 +144,13 @@ def quantize(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (compute device; weights stay on CPU)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work folder (same model, data and options)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's work folder and start over."),
 ) -> None:
     from qtool.api import quantize as run_quantize
     from qtool.config import QuantizeConfig
+
+    if resume and restart:
+        raise click.exceptions.UsageError("--resume continues the interrupted run and --restart discards it: pass only one of them")
 
     config = QuantizeConfig(method=method, bits=bits, group_size=group_size, sym=sym, format=fmt,
                             gptq_version=gptq_version, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -154,7 +158,7 @@ def quantize(
                             true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
                             awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search)
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
-                                resume=resume)
+                                resume=resume, restart=restart)
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
                   f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -36,10 +36,29 @@ SKIP_FILES = {"config.json", QTOOL_JSON, "model.safetensors.index.json", "pytorc
               "quantize_config.json", "quant_config.json"}
 
 
-def check_output_path(out: str | Path, force: bool) -> Path:
-    """Validate the output folder before any work: refuse an existing one unless
-    ``force``, and an unwritable parent."""
+def overlap(path: str | Path, source: str | Path) -> str | None:
+    """How ``path`` relates to ``source`` once symlinks are resolved: ``"is"``,
+    ``"is inside"``, ``"contains"``, or None when neither holds the other."""
+    a, b = Path(path).expanduser().resolve(), Path(source).expanduser().resolve()
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_output_path(out: str | Path, force: bool, sources: Iterable[str | Path] = ()) -> Path:
+    """Validate the output folder before any work: refuse one that is, is inside or
+    contains a source (``sources``: the model's folder or file), even with ``force``; an
+    existing one unless ``force``; and an unwritable parent."""
     out = Path(out).expanduser()
+    for src in sources:
+        relation = overlap(out, src)
+        if relation:
+            raise UserInputError(f"output {out} {relation} the source model {Path(src).resolve()}: writing there "
+                                 "would destroy it, even with --force; choose an -o/--output outside the source")
     if out.exists() and not force:
         raise UserInputError(f"output {out} already exists: choose another -o/--output or pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -127,9 +146,10 @@ def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: 
     it and nothing is written. Then writes, in a temporary sibling of ``out``: the shards
     (``plain`` tensors unchanged plus the packed ones, keys sorted), ``config.json``
     (``model_config`` with ``quantization_config = quant_config``), the side files
-    (``side_files(folder)`` copies them), reads a sample of layers back (a mismatch raises
-    ``FormatError``), writes ``qtool.json`` (``record`` plus ``shards`` and
-    ``files_sha256``) and renames the folder into place. Returns the ``qtool.json`` content.
+    (``side_files(folder)`` copies them), reads every tensor back and compares it byte for
+    byte with the one written (a mismatch raises ``FormatError``), writes ``qtool.json``
+    (``record`` plus ``shards`` and ``files_sha256``) and renames the folder into place.
+    Returns the ``qtool.json`` content.
     """
     out = check_output_path(out, force)
     fmt = get_format(fmt_name)
@@ -144,11 +164,11 @@ def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         shards = _write_shards(state, tmp, max_shard_size)
-        del state
         cfg = {**model_config, "quantization_config": quant_config}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         side_files(tmp)
-        _verify(tmp, fmt, qweights, options, verify_sample)
+        _verify(tmp, state, fmt, qweights, options, verify_sample, out)
+        del state
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         record = {**record, "shards": shards, "files_sha256": files}
         (tmp / QTOOL_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -177,19 +197,40 @@ def _open_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _verify(folder: Path, fmt, qweights: dict[str, QuantizedWeight], options: dict, sample: int) -> None:
-    """Read back up to ``sample`` layers (evenly spread) and require exact equality."""
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def _verify(folder: Path, state: dict[str, torch.Tensor], fmt, qweights: dict[str, QuantizedWeight], options: dict,
+            sample: int, out: Path) -> None:
+    """Read the shards in ``folder`` back, one tensor at a time: the keys must be those of
+    ``state`` (what was written) and every tensor, each layer's packed ones included, equal
+    to its in-memory one byte for byte. Then up to ``sample`` layers (evenly spread) are
+    unpacked from ``state`` and must give back exactly their ``qweights`` (the format holds
+    what the method produced). A mismatch raises ``FormatError`` naming the tensor."""
+    seen = set()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                if key not in state or not _same_bytes(handle.get_tensor(key), state[key]):
+                    raise FormatError(f"read-back check failed: {key} in {shard.name} differs from what was written "
+                                      f"(a disk or filesystem fault?); nothing was saved to {out}: check the disk and run again")
+                seen.add(key)
+    missing = sorted(set(state) - seen)
+    if missing:
+        raise FormatError(f"read-back check failed: {len(missing)} tensors, e.g. {missing[0]}, are missing from the "
+                          f"written shards; nothing was saved to {out}: check the disk and run again")
     names = sorted(qweights)
     if not names:
         return
     step = max(1, len(names) // max(1, sample))
     picked = names[::step][:sample]
-    tensors = _open_tensors(folder)
     for name in picked:
         qw = qweights[name]
-        layer = {s: tensors[f"{name}.{s}"] for s in fmt.TENSOR_SUFFIXES if f"{name}.{s}" in tensors}
-        if qw.bias is not None and f"{name}.bias" in tensors:
-            layer["bias"] = tensors[f"{name}.bias"]
+        layer = {s: state[f"{name}.{s}"] for s in fmt.TENSOR_SUFFIXES if f"{name}.{s}" in state}
+        if qw.bias is not None and f"{name}.bias" in state:
+            layer["bias"] = state[f"{name}.bias"]
         back = fmt.unpack(layer, bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
                           out_features=qw.shape[0], in_features=qw.shape[1], **options)
         if not torch.equal(back.dequantize(), qw.dequantize()):

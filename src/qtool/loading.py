@@ -87,6 +87,20 @@ def resolve(model: str | None) -> ModelSource:
     return ModelSource("hub", model, model)
 
 
+def source_paths(source: ModelSource) -> list[Path]:
+    """The local folders and files that hold ``source``, found without loading or
+    downloading anything, for the checks that no write touches them: the folder or
+    ``.gguf`` file; for the built-in model its GGUF and its cached folder; for a hub id its
+    folder in the Hugging Face cache."""
+    if source.kind == "default":
+        return [Path(source.path), default_folder_path()]
+    if source.kind == "hub":
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return [Path(HF_HUB_CACHE) / f"models--{source.path.replace('/', '--')}"]
+    return [Path(source.path)]
+
+
 def _fetch_hub(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
 
@@ -121,9 +135,14 @@ def _load_gguf(path: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def default_folder_path() -> Path:
+    """Where the cached float32 safetensors copy of the default model lives (or will)."""
+    return cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-f32"
+
+
 def default_model_folder() -> Path:
     """The cached float32 safetensors copy of the default model, made on first use."""
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-f32"
+    target = default_folder_path()
     if (target / "model.safetensors").is_file():
         return target
     gguf = default_gguf_path()

@@ -1,21 +1,37 @@
 """Resumable quantization: a work folder beside the output that holds every finished
-block and the activations needed to continue, written atomically after each block.
+block and the activations needed to continue, committed one block at a time.
 
 Layout of ``<output>.qtool-work/``:
-- ``fingerprint.json``: what the run depends on (qtool version, model files, calibration
-  tokens, options); ``--resume`` refuses a folder whose fingerprint differs.
-- ``block-NNNN.safetensors``: the canonical quantized tensors of every linear of block N
-  plus the block's other parameters (norms that AWQ rescaled), with stats as metadata.
-- ``inputs.safetensors``: the inputs of the next block (float32 chunks).
-- ``state.json``: ``{"next_block": N}``, replaced last, so it is the commit point: a kill
-  at any moment leaves a folder describing a consistent prefix of finished blocks.
+- ``fingerprint.json``: what the run depends on (qtool version, work-folder layout, model
+  files, calibration tokens, options); ``--resume`` refuses a folder whose fingerprint
+  differs.
+- ``block-NNNN/``: finished block N, complete or absent:
+  - ``block.safetensors``: the canonical quantized tensors of every linear of the block
+    plus its other parameters (norms that AWQ rescaled), with stats as metadata;
+  - ``inputs.safetensors``: the inputs of block N+1 (float chunks), kept only in the
+    newest block's folder; absent after the last block and for methods without
+    calibration.
+
+Commit protocol. Each block's files are written into a temporary folder, flushed to disk,
+and the folder is renamed to ``block-NNNN``: that rename is the only commit point. The state
+is derived from what is committed (the finished blocks are ``block-0000`` up to the first
+missing one; there is no separate state file to fall out of step), so a kill at any moment
+leaves either the state before a commit or the one after it; temporary folders left by a
+kill are never read and are discarded when their name is next used. The work folder itself
+is created with its fingerprint and removed the same way, by one rename each.
+
+``commit_folder`` (files into a temporary folder, then one rename) knows nothing of what the
+files hold: writing the output block by block as it is quantized can commit each block's
+packed tensors through it, so resuming and streaming share one mechanism.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,12 +39,15 @@ from safetensors.torch import load_file, save_file
 
 from qtool import __version__
 from qtool.errors import UserInputError
+from qtool.io import overlap
 from qtool.qtensor import QuantizedWeight
 from qtool.textfiles import sha256_file
 
-STATE = "state.json"
+LAYOUT = 2  # work-folder layout version (1: block files + inputs + state.json), fingerprinted
 FINGERPRINT = "fingerprint.json"
+BLOCK_FILE = "block.safetensors"
 INPUTS = "inputs.safetensors"
+_BLOCK_DIR = re.compile(r"block-(\d{4,})")
 
 
 def work_dir_for(output: str | Path) -> Path:
@@ -46,20 +65,69 @@ def model_fingerprint(folder: str | None, gguf: str | None) -> dict:
 
 
 def fingerprint(model_files: dict, calib_sha256: str | None, config: dict) -> dict:
-    return {"qtool_version": __version__, "model_files": model_files, "calibration_tokens_sha256": calib_sha256,
-            "config": config}
+    return {"qtool_version": __version__, "work_layout": LAYOUT, "model_files": model_files,
+            "calibration_tokens_sha256": calib_sha256, "config": config}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def commit_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """Create the folder ``target`` all at once.
+
+    ``write(tmp)`` fills the temporary sibling ``.NAME.tmp`` (one left by a killed run is
+    discarded first); its files are flushed to disk and one rename makes it ``target``, so a
+    reader finds ``target`` absent or complete, after a kill or a power cut alike.
+    ``target`` must not exist."""
+    assert not target.exists(), f"{target} is already committed"
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    if os.name == "posix":  # durable before visible; directories cannot be opened on Windows
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    os.rename(tmp, target)
+    if os.name == "posix":
+        _fsync(target.parent)
+
+
+def discard_folder(path: Path) -> None:
+    """Remove the folder ``path`` all at once: one rename to ``.NAME.trash``, so no reader
+    sees it half deleted, then delete the trash (a leftover one goes with the next)."""
+    trash = path.with_name(f".{path.name}.trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    if path.exists():
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)  # never read again: a leftover is harmless
+
+
+def check_work_dir(output: str | Path, resume: bool, restart: bool, sources: Iterable[Path] = ()) -> Path:
+    """The work folder of ``output``, checked before any work: it must lie outside the
+    source model (``sources``); an existing one needs ``resume`` (continue it) or
+    ``restart`` (discard it), and ``resume`` needs one."""
+    path = work_dir_for(output)
+    if resume and restart:
+        raise UserInputError("--resume continues the interrupted run and --restart discards it: pass only one of them")
+    for src in sources:
+        relation = overlap(path, src)
+        if relation:
+            raise UserInputError(f"the work folder {path} {relation} the source model {Path(src).resolve()}: "
+                                 "choose an -o/--output outside the source")
+    if path.exists() and not (resume or restart):
+        raise UserInputError(f"{path} holds an interrupted run for this output: pass --resume to continue it "
+                             "or --restart to discard it and start over")
+    if resume and not path.exists():
+        raise UserInputError(f"nothing to resume: {path} does not exist; run without --resume")
+    return path
 
 
 class WorkDir:
@@ -69,21 +137,20 @@ class WorkDir:
         self.path = path
 
     @classmethod
-    def start(cls, output: str | Path, fp: dict) -> "WorkDir":
-        """A fresh work folder (an old one is replaced: the user did not ask to resume)."""
-        path = work_dir_for(output)
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        _atomic_write_text(path / FINGERPRINT, json.dumps(fp, indent=2, sort_keys=True) + "\n")
+    def start(cls, output: str | Path, fp: dict, restart: bool = False) -> "WorkDir":
+        """A fresh work folder; an existing one is refused unless ``restart`` (then discarded)."""
+        path = check_work_dir(output, resume=False, restart=restart)
+        discard_folder(path)
+        commit_folder(path, lambda tmp: (tmp / FINGERPRINT).write_text(json.dumps(fp, indent=2, sort_keys=True) + "\n"))
         return cls(path)
 
     @classmethod
     def resume(cls, output: str | Path, fp: dict) -> "WorkDir":
         """The existing work folder, after checking it belongs to this exact run."""
-        path = work_dir_for(output)
+        path = check_work_dir(output, resume=True, restart=False)
         if not (path / FINGERPRINT).is_file():
-            raise UserInputError(f"nothing to resume: {path} does not exist; run without --resume")
+            raise UserInputError(f"cannot resume from {path}: it has no {FINGERPRINT}, so it is not a qtool work "
+                                 "folder; rerun with --restart to discard it and start over")
         saved = json.loads((path / FINGERPRINT).read_text())
         if saved != fp:
             diff = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
@@ -91,19 +158,49 @@ class WorkDir:
                 a, b = saved.get("config", {}), fp["config"]
                 diff = [f"option {k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)] + [d for d in diff if d != "config"]
             raise UserInputError(
-                f"cannot resume from {path}: {', '.join(diff)} differ from the interrupted run; "
-                "rerun with the same model, calibration and options, or without --resume to start over"
+                f"cannot resume from {path}: {', '.join(diff)} differ from the interrupted run; rerun with the "
+                "same model, calibration and options, or with --restart instead of --resume to start over"
             )
-        return cls(path)
+        work = cls(path)
+        work.next_block  # refuses a damaged folder now, before any work
+        return work
+
+    def block_dir(self, index: int) -> Path:
+        return self.path / f"block-{index:04d}"
 
     @property
     def next_block(self) -> int:
-        state = self.path / STATE
-        return json.loads(state.read_text())["next_block"] if state.is_file() else 0
+        """The number of finished blocks: the committed folders ``block-0000`` onward."""
+        indices = sorted(int(m.group(1)) for p in self.path.iterdir()
+                         if p.is_dir() and (m := _BLOCK_DIR.fullmatch(p.name)))
+        count = 0
+        while count < len(indices) and indices[count] == count:
+            count += 1
+        if count < len(indices):
+            raise UserInputError(f"work folder {self.path} is damaged: block-{indices[count]:04d} exists without "
+                                 f"block-{count:04d}; rerun with --restart to discard it and start over")
+        return count
+
+    def commit_block(self, index: int, files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]) -> None:
+        """Commit block ``index`` (the next one): every ``files[name] = (tensors,
+        metadata)`` becomes the safetensors file ``block-NNNN/name``, all visible at once.
+        Then the inputs kept by older blocks are deleted: only the newest are ever read."""
+        assert index == self.next_block, f"block {index} committed out of order"
+        target = self.block_dir(index)
+
+        def write(tmp: Path) -> None:
+            for name, (tensors, metadata) in files.items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name), metadata=metadata)
+
+        commit_folder(target, write)
+        for stale in self.path.glob(f"block-*/{INPUTS}"):
+            if stale.parent != target:
+                stale.unlink()
 
     def save_block(self, index: int, block: torch.nn.Module, prefix: str, results: dict,
                    next_inputs: list[torch.Tensor] | None, extra: dict | None = None) -> None:
-        """Record finished block ``index`` (``results``: full name -> LayerResult)."""
+        """Record finished block ``index`` (``results``: full name -> LayerResult) with the
+        inputs of the next block, in one commit."""
         tensors: dict[str, torch.Tensor] = {}
         quantized = {name[len(prefix) + 1 :] for name in results}
         for pname, param in block.state_dict().items():
@@ -117,10 +214,10 @@ class WorkDir:
                 tensors[f"q.{name}.{key}"] = t
             layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym, "stats": res.stats}
         meta = {"layers": json.dumps(layers, sort_keys=True), "extra": json.dumps(extra or {}, sort_keys=True)}
-        _atomic_save(tensors, self.path / f"block-{index:04d}.safetensors", meta)
+        files = {BLOCK_FILE: (tensors, meta)}
         if next_inputs is not None:
-            _atomic_save({f"hidden.{i}": h for i, h in enumerate(next_inputs)}, self.path / INPUTS, {})
-        _atomic_write_text(self.path / STATE, json.dumps({"next_block": index + 1}) + "\n")
+            files[INPUTS] = ({f"hidden.{i}": h for i, h in enumerate(next_inputs)}, {})
+        self.commit_block(index, files)
 
     def load_blocks(self, blocks: torch.nn.ModuleList, spec_blocks: str) -> tuple[dict, dict]:
         """Restore every finished block into ``blocks`` (parameters and dequantized
@@ -131,7 +228,7 @@ class WorkDir:
 
         results, extras = {}, {}
         for index in range(self.next_block):
-            path = self.path / f"block-{index:04d}.safetensors"
+            path = self.block_dir(index) / BLOCK_FILE
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata()
             tensors = load_file(str(path))
@@ -149,8 +246,13 @@ class WorkDir:
         return results, extras
 
     def load_inputs(self) -> list[torch.Tensor]:
-        tensors = load_file(str(self.path / INPUTS))
+        """The inputs of the next block, kept by the newest finished block."""
+        path = self.block_dir(self.next_block - 1) / INPUTS
+        if not path.is_file():
+            raise UserInputError(f"work folder {self.path} is damaged: {path} is missing; rerun with --restart "
+                                 "to discard it and start over")
+        tensors = load_file(str(path))
         return [tensors[f"hidden.{i}"] for i in range(len(tensors))]
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        discard_folder(self.path)

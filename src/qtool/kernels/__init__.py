@@ -2,9 +2,11 @@
 
 ``Y = X @ dequant(W) (+ bias)`` computed straight from the on-disk tensors of one layer:
 
-* ``"gptq"``: ``qweight``, ``qzeros``, ``scales``, ``g_idx`` (+ ``bias``); meta ``bits``
-  (default 4), ``version`` (1 = ``checkpoint_format "gptq"``, 2 = ``"gptq_v2"``),
-  ``group_size`` (needed only without ``g_idx``).
+* ``"gptq"``: ``qweight``, ``qzeros``, ``scales``, ``g_idx`` (+ ``perm``, ``bias``); meta
+  ``bits`` (default 4), ``version`` (1 = ``checkpoint_format "gptq"``, 2 = ``"gptq_v2"``),
+  ``group_size`` (needed only without ``g_idx``). ``perm`` is not a checkpoint tensor: it
+  comes from :func:`~qtool.kernels.layout.kernel_layout`, which sorts act-order rows by
+  group.
 * ``"marlin"``: ``B``, ``s`` (+ ``zp``, ``perm``, ``g_idx``, ``bias``); meta ``group_size``
   (``k``/``n`` are read from ``B``).
 
@@ -13,6 +15,10 @@ interpreter when ``TRITON_INTERPRET=1`` is set before import), ``"torch"``
 (:mod:`.reference`: float32 dequant + matmul), ``"auto"`` (Triton for CUDA tensors when
 Triton imports, else torch). The Triton modules are imported lazily, on first use, so that
 importing this package never compiles or imports Triton.
+
+Layers loaded for inference (:class:`PackedLinear`, ``qtool check``) first go through
+:func:`~qtool.kernels.layout.kernel_layout`, so act-order checkpoints reach the kernels
+with their rows sorted by group and take the tile-uniform scale path.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from torch import nn
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.kernels import reference
 from qtool.kernels._validate import interpreting, validate_gptq, validate_marlin
+from qtool.kernels.layout import kernel_layout
 
 FORMATS = ("gptq", "marlin")
 KERNELS = ("auto", "triton", "torch")
 
 _TENSORS = {
-    "gptq": ("qweight", "qzeros", "scales", "g_idx", "bias"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx", "perm", "bias"),
     "marlin": ("B", "s", "zp", "perm", "g_idx", "bias"),
 }
 _META = {"gptq": ("bits", "version", "group_size"), "marlin": ("group_size",)}
@@ -91,6 +98,7 @@ def _call(fmt: str, t: dict, meta: dict, x: torch.Tensor) -> tuple[tuple, dict]:
             "bits": meta.get("bits", 4),
             "version": meta.get("version", 1),
             "group_size": meta.get("group_size"),
+            "perm": t["perm"],
             "bias": t["bias"],
         }
         validate_gptq(*args, **kw)
@@ -145,24 +153,17 @@ def quant_matmul(
     return fn(*args, **kw)
 
 
-def _is_contiguous_groups(g_idx: torch.Tensor, group_size: int | None) -> bool:
-    """True when ``g_idx`` is the trivial ``c // group_size`` assignment (one host sync)."""
-    if group_size is None:
-        return False
-    expected = reference.contiguous_groups(g_idx.numel(), group_size, g_idx.device)
-    return bool(torch.equal(g_idx.long(), expected))
-
-
 class PackedLinear(nn.Module):
     """One quantized linear layer kept in its packed checkpoint layout.
 
-    Buffers carry the checkpoint's own tensor names (``qweight``/``qzeros``/``scales``/
-    ``g_idx``/``bias`` for GPTQ, ``B``/``s``/``zp``/``perm``/``g_idx``/``bias`` for Marlin),
-    so ``state_dict()`` matches the file and ``.to(device)`` moves them. ``forward`` runs
-    :func:`quant_matmul` with the layer's ``kernel`` choice.
-
-    A stored ``g_idx`` equal to ``c // group_size`` (GPTQ always writes one) is kept as a
-    buffer but not passed to the kernel, which then takes its faster tile-uniform path.
+    Buffers hold the layer in its kernel layout (:func:`~qtool.kernels.layout.kernel_layout`),
+    under the checkpoint's tensor names (``qweight``/``qzeros``/``scales``/``bias`` for GPTQ,
+    ``B``/``s``/``zp``/``perm``/``bias`` for Marlin), so ``.to(device)`` moves them and
+    ``forward`` runs :func:`quant_matmul` on them with the layer's ``kernel`` choice. They
+    differ from the file in two ways: a ``g_idx`` equal to ``c // group_size`` (GPTQ always
+    writes one; Marlin's sorted one) is dropped, and an act-order GPTQ layer holds its
+    ``qweight`` rows sorted by group plus ``perm`` in place of ``g_idx``. Both keep the
+    kernel on its tile-uniform path; a ``g_idx`` with unequal groups stays (per-row path).
 
     Raises:
         FormatError: the tensors do not fit the format (message from the layout check).
@@ -190,25 +191,13 @@ class PackedLinear(nn.Module):
             _call(fmt, t, meta, probe)
         except ValueError as e:
             raise FormatError(f"PackedLinear: tensors do not match the {fmt} layout: {e}") from e
-        for name, value in t.items():
-            if value is not None:
-                self.register_buffer(name, value)
-        g_idx = t["g_idx"]
-        group_size = meta.get("group_size")
-        if fmt == "gptq" and group_size is None and g_idx is None:
-            group_size = -1
-        self._pass_g_idx = g_idx is not None and not _is_contiguous_groups(g_idx, group_size)
-        if fmt == "gptq" and not self._pass_g_idx:
-            self.meta = {**meta, "group_size": group_size}
+        tensors, self.meta = kernel_layout(fmt, t, meta)
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors handed to the kernel (``g_idx`` left out when trivial)."""
-        out = {}
-        for name in _TENSORS[self.format]:
-            value = getattr(self, name, None)
-            if value is not None and (name != "g_idx" or self._pass_g_idx):
-                out[name] = value
-        return out
+        """The tensors handed to the kernel (the buffers, in the kernel layout)."""
+        return {name: buf for name, buf in self.named_buffers(recurse=False)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(x, self.format, self.packed_tensors(), kernel=self.kernel, **self.meta)
@@ -223,6 +212,7 @@ __all__ = [
     "KERNELS",
     "PackedLinear",
     "available_kernels",
+    "kernel_layout",
     "quant_matmul",
     "triton_importable",
 ]

@@ -50,6 +50,7 @@ def _signature(kernel_name: str, act: str, atomic: bool) -> dict[str, str]:
             "qzeros_ptr": "*i32",
             "scales_ptr": "*fp16",
             "g_idx_ptr": "*i32",
+            "perm_ptr": "*i32",
             "bias_ptr": "*fp16",
             "out_ptr": out,
         }

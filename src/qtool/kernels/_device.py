@@ -39,7 +39,7 @@ def store_out(
         if pid_k == 0:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += bias[None, :]
-    ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # M * N may pass 2**31
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     if ATOMIC:
         tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")

@@ -26,6 +26,16 @@ SPLIT_K_MAX_M = 16
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1})
 
 
+def interpret_config(group_size: int) -> triton.Config:
+    """The interpreter's config for ``group_size`` (-1: one group): BLOCK_K shrinks to 32
+    or 16 when that makes it divide the group size, so the interpreter runs the
+    tile-uniform path wherever the GPU autotuner's pruning (:func:`prune_for_groups`) does."""
+    if group_size == -1 or group_size % 64 == 0:
+        return INTERPRET_CONFIG
+    bk = next((b for b in (32, 16) if group_size % b == 0), 64)
+    return triton.Config({**INTERPRET_CONFIG.kwargs, "BLOCK_K": bk})
+
+
 def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k},
@@ -76,6 +86,13 @@ def prune_for_groups(configs, named_args, **kwargs):
     return kept or configs
 
 
+def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors a kernel indexes as dense row-major arrays, made contiguous (a no-op,
+    no copy, when they already are); ``None`` passes through. Only ``x`` is read through
+    its strides."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for M: next power of two, capped at 256."""
     return min(triton.next_power_of_2(max(m, 1)), 256)
@@ -119,11 +136,12 @@ class Plan:
     atomic: bool
 
 
-def plan(m: int, config: triton.Config | None) -> Plan:
-    """Pick the launch for ``m`` rows. A fixed config (given, or the interpreter's) splits
-    K iff its SPLIT_K > 1; the autotuned path splits for ``m <= SPLIT_K_MAX_M``."""
+def plan(m: int, config: triton.Config | None, group_size: int = -1) -> Plan:
+    """Pick the launch for ``m`` rows. A fixed config (given, or the interpreter's for
+    ``group_size``, the kernel's GROUP_SIZE) splits K iff its SPLIT_K > 1; the autotuned
+    path splits for ``m <= SPLIT_K_MAX_M``."""
     if config is None and interpreting():
-        config = INTERPRET_CONFIG
+        config = interpret_config(group_size)
     if config is not None:
         return Plan(config, config.kwargs["SPLIT_K"] > 1)
     return Plan(None, m <= SPLIT_K_MAX_M)
@@ -149,7 +167,7 @@ def launch(p: Plan, jit_fn, tuned_tiles, tuned_split, grid, args: tuple, constex
     )
 
 
-TUNE_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_G_IDX"]
+TUNE_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_G_IDX", "HAS_PERM"]
 
 
 def autotuners(jit_fn):

@@ -87,8 +87,10 @@ def validate_gptq(
     version: int,
     group_size: int | None,
     bias: torch.Tensor | None,
+    perm: torch.Tensor | None = None,
 ) -> GemmDims:
-    """Check a GPTQ call (layout: README §3) and return its dimensions."""
+    """Check a GPTQ call (layout: README §3, plus the optional row order ``perm``) and
+    return its dimensions."""
     where = "gptq_matmul"
     if bits not in GPTQ_BITS:
         raise UnsupportedError(
@@ -118,6 +120,8 @@ def validate_gptq(
     _check_tensor(where, "qweight", qweight, (k // per, n), (torch.int32,), x.device)
     if qzeros is not None:
         _check_tensor(where, "qzeros", qzeros, (groups, n // per), (torch.int32,), x.device)
+    if perm is not None:
+        _check_tensor(where, "perm", perm, (k,), INDEX_DTYPES, x.device)
     if g_idx is not None:
         _check_tensor(where, "g_idx", g_idx, (k,), INDEX_DTYPES, x.device)
         group_size = None

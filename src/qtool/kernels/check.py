@@ -1,12 +1,14 @@
 """Core of ``qtool check``: run packed layers through a kernel and compare with the torch
 reference on seeded random activations.
 
-For every layer ``Y_kernel = quant_matmul(X, ..., kernel=kernel)`` is compared with
-``Y_ref = X @ dequant(W) (+ bias)`` computed in float32 by :mod:`qtool.kernels.reference`.
+For every layer ``Y_kernel = quant_matmul(X, ..., kernel=kernel)``, run on the layer in its
+kernel layout (:func:`qtool.kernels.layout.kernel_layout`, as inference loads it), is
+compared with ``Y_ref = X @ dequant(W) (+ bias)`` computed in float32 by
+:mod:`qtool.kernels.reference` from the checkpoint's own tensors.
 The error is the worst absolute difference relative to the largest reference magnitude,
 ``max|Y_kernel - Y_ref| / max|Y_ref|``, and a layer is ok when it is finite and within the
 tolerance of the activation dtype. With ``kernel="torch"`` (or ``"auto"`` on CPU) both sides
-are the reference, so the check then validates layouts, shapes and finiteness only.
+are the reference, so the check then validates layouts, shapes, the relayout and finiteness.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from qtool.errors import UnsupportedError
-from qtool.kernels import available_kernels, quant_matmul
+from qtool.kernels import available_kernels, kernel_layout, quant_matmul
 
 # Worst error relative to max|Y_ref| accepted per activation dtype: the fp32 kernel differs
 # only by summation order; fp16/bf16 add the rounding of dequantized weights and of the
@@ -115,8 +117,11 @@ def _check_one(name, fmt, tensors, meta, kernel, seed, rows, dtype, device) -> L
         k = _in_features(fmt, tensors, meta)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(rows, k, generator=gen).to(device=dev, dtype=act)
-        y = quant_matmul(x, fmt, tensors, kernel=kernel, **opts).float()
-        y_ref = quant_matmul(x, fmt, tensors, kernel="torch", **opts).float()
+        y_ref = quant_matmul(x, fmt, tensors, kernel="torch", **opts).float()  # validates
+        # the kernel runs on the layer as loaded for inference (PackedLinear): act-order rows
+        # sorted by group, so the check covers that relayout as well as the kernel
+        loaded, loaded_opts = kernel_layout(fmt, tensors, opts)
+        y = quant_matmul(x, fmt, loaded, kernel=kernel, **loaded_opts).float()
     except (ValueError, KeyError, UnsupportedError) as e:
         return LayerCheck(name, fmt, float("inf"), False, f"{type(e).__name__}: {e}")
     scale = y_ref.abs().max().item()

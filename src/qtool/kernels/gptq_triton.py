@@ -10,6 +10,8 @@ qzeros    int32        [G, n/per]     field ``i`` of ``qzeros[g, c]`` = stored z
                                       ``per*c+i`` (v1: ``z - 1``, v2: ``z``); ``None``: 2**(bits-1)
 scales    fp16/bf16/32 [G, n]         row = group id
 g_idx     int32/int64  [k]            group of every row (act-order: non-monotone), or ``None``
+perm      int32/int64  [k]            optional: row ``r`` is input channel ``perm[r]`` (kernel
+                                      layout of act-order checkpoints, rows sorted by group)
 ========= ============ ============== ================================================
 
 Kernel design. Each program owns a ``[BLOCK_M, BLOCK_N]`` output tile and walks K in
@@ -25,9 +27,18 @@ paths, chosen at compile time:
 * tile-uniform groups (no ``g_idx`` and ``BLOCK_K`` divides ``group_size``, or one group):
   the exact integers ``q - z`` (|.| <= 2**bits) go through the MMA in the activation dtype
   and the fp32 partial is scaled per column, so scales/zeros load once per tile;
-* per-row groups (``g_idx``, e.g. act-order, or groups smaller than ``BLOCK_K``): the group
-  of every row is loaded (or computed) and ``(q - z) * s`` is formed per element in fp32,
-  then rounded to the activation dtype for the MMA.
+* per-row groups (groups smaller than ``BLOCK_K``, or a ``g_idx``): the group of every row
+  is computed (or loaded) and ``(q - z) * s`` is formed per element in fp32, then rounded
+  to the activation dtype for the MMA.
+
+Act-order checkpoints do not take the ``g_idx`` gather: :mod:`qtool.kernels.layout` sorts
+their rows by group once at load time (as Marlin and exllama do) and passes ``perm``, so
+the groups are contiguous again and the kernel gathers the activation columns
+``x[:, perm]`` in its A load instead. A ``g_idx`` reaches the kernel only for a checkpoint
+whose groups are not all ``group_size`` channels (never written by GPTQ): the fallback.
+
+Row offsets (``m * stride_xm``, word row ``* N``, group ``* N``) are computed in int64, so
+``M * K`` or ``K * N / per`` beyond 2**31 elements address correctly.
 
 Activations fp16 / bf16 (fp32 too, with IEEE products); accumulation always fp32.
 """
@@ -51,6 +62,7 @@ def _gptq_kernel(
     qzeros_ptr,
     scales_ptr,
     g_idx_ptr,
+    perm_ptr,
     bias_ptr,
     out_ptr,
     M,
@@ -64,6 +76,7 @@ def _gptq_kernel(
     ZERO_OFFSET: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_G_IDX: tl.constexpr,
+    HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -89,21 +102,27 @@ def _gptq_kernel(
     zero_col = offs_n // PER  # [BN] word of qzeros holding column n
     zero_shift = (offs_n % PER) * BITS
     dtype = x_ptr.dtype.element_ty
+    # row offsets in int64: m * stride_xm and (k / PER) * N pass 2**31 on large layers
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask_kn = mask_k[:, None] & mask_n[None, :]
+        if HAS_PERM:  # rows sorted by group: row k of the weight is input channel perm[k]
+            x_col = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            x_col = offs_k
         a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x_rows + x_col[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )  # [BM, BK]
         # each packed word is loaded once and unpacked in registers
         offs_kw = kt * (BLOCK_K // PER) + tl.arange(0, BLOCK_K // PER)
         words = tl.load(
-            qweight_ptr + offs_kw[:, None] * N + offs_n[None, :],
+            qweight_ptr + offs_kw.to(tl.int64)[:, None] * N + offs_n[None, :],
             mask=(offs_kw < K // PER)[:, None] & mask_n[None, :],
             other=0,
         )  # [BK/PER, BN]
@@ -114,9 +133,9 @@ def _gptq_kernel(
 
         if HAS_G_IDX or (GROUP_SIZE != -1 and GROUP_SIZE % BLOCK_K != 0):
             if HAS_G_IDX:
-                g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+                g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
             else:
-                g = offs_k // GROUP_SIZE
+                g = (offs_k // GROUP_SIZE).to(tl.int64)
             s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             if HAS_ZEROS:
                 zw = tl.load(
@@ -131,7 +150,7 @@ def _gptq_kernel(
             if GROUP_SIZE == -1:
                 g0 = 0
             else:
-                g0 = (kt * BLOCK_K) // GROUP_SIZE
+                g0 = tl.cast((kt * BLOCK_K) // GROUP_SIZE, tl.int64)
             s = tl.load(scales_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 zw = tl.load(qzeros_ptr + g0 * (N // PER) + zero_col, mask=mask_n, other=0)
@@ -160,6 +179,7 @@ def gptq_matmul(
     bits: int = 4,
     version: int = 1,
     group_size: int | None = None,
+    perm: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
@@ -172,12 +192,19 @@ def gptq_matmul(
             says how ``qzeros`` stores the zero. ``g_idx=None`` means contiguous groups of
             ``group_size`` (-1: one group) -- pass it that way when the stored ``g_idx`` is
             the trivial ``c // group_size``, which selects the faster tile-uniform path.
+        perm: optional int ``[k]``: row ``r`` of the unpacked ``qweight`` (and ``g_idx[r]``)
+            belongs to input channel ``perm[r]``, and the kernel reads ``x[..., perm]``.
+            Act-order layers sorted by group this way (:func:`qtool.kernels.layout.kernel_layout`)
+            need no ``g_idx`` and take the tile-uniform path.
         bias: optional float ``[n]``.
         config: a fixed ``triton.Config`` (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) that
             bypasses autotuning; SPLIT_K > 1 selects the atomic split-K reduction.
 
     Returns:
         ``[..., n]`` in ``x.dtype`` (fp32 accumulation).
+
+    Any strides are accepted: ``x`` is read through its strides, the other tensors are
+    made contiguous (a copy only when they are not).
 
     Raises:
         ValueError: inconsistent shapes / dtypes / devices (the message names the tensor).
@@ -192,12 +219,17 @@ def gptq_matmul(
         bits=bits,
         version=version,
         group_size=group_size,
+        perm=perm,
         bias=bias,
     )
     _launch.ensure_launchable("gptq_matmul", x, _gptq_kernel)
+    qweight, qzeros, scales, g_idx, perm, bias = _launch.contiguous(
+        qweight, qzeros, scales, g_idx, perm, bias
+    )
     m, k, n = dims.m, dims.k, dims.n
-    x2 = x.reshape(m, k)  # [M, K]
-    plan = _launch.plan(m, config)
+    x2 = x.reshape(m, k)  # [M, K], any strides
+    kernel_group_size = -1 if dims.group_size is None else dims.group_size
+    plan = _launch.plan(m, config, kernel_group_size)
     out = _launch.allocate_out(plan, m, n, x)  # [M, N]
     if m > 0 and n > 0:
         args = (
@@ -206,6 +238,7 @@ def gptq_matmul(
             scales if qzeros is None else qzeros,
             scales,
             scales if g_idx is None else g_idx,
+            scales if perm is None else perm,
             scales if bias is None else bias,
             out,
             m,
@@ -217,10 +250,11 @@ def gptq_matmul(
         )
         constexprs = dict(
             BITS=bits,
-            GROUP_SIZE=-1 if dims.group_size is None else dims.group_size,
+            GROUP_SIZE=kernel_group_size,
             ZERO_OFFSET=1 if version == 1 else 0,
             HAS_ZEROS=qzeros is not None,
             HAS_G_IDX=g_idx is not None,
+            HAS_PERM=perm is not None,
             HAS_BIAS=bias is not None,
             **_launch.dot_flags(x.dtype),
         )
@@ -236,7 +270,17 @@ def gptq_matmul(
 
 
 def reference(
-    x, qweight, qzeros, scales, g_idx=None, *, bits=4, version=1, group_size=None, bias=None
+    x,
+    qweight,
+    qzeros,
+    scales,
+    g_idx=None,
+    *,
+    bits=4,
+    version=1,
+    group_size=None,
+    perm=None,
+    bias=None,
 ):
     """The torch reference with :func:`gptq_matmul`'s signature (float32 dequant + matmul)."""
     return gptq_matmul_ref(
@@ -249,4 +293,5 @@ def reference(
         version=version,
         bias=bias,
         group_size=group_size,
+        perm=perm,
     )

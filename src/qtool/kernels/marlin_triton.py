@@ -38,7 +38,10 @@ Because ``k_of`` permutes only within 16-row blocks, a ``BLOCK_K`` tile (a multi
 holds exactly the channels ``[kt*BLOCK_K, (kt+1)*BLOCK_K)``, so the group logic, split-K
 and the two dequant paths (tile-uniform vs per-row groups) are those of
 :mod:`qtool.kernels.gptq_triton`. Scales and zeros are read through the inverse of their
-column permutations.
+column permutations. An act-order layer's sorted ``g_idx`` is the contiguous
+``row // group_size`` whenever every group holds ``group_size`` rows (always, for GPTQ
+act-order); :mod:`qtool.kernels.layout` then drops it, so only ``perm`` reaches the kernel
+and the tile-uniform path runs. Row offsets are computed in int64.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def _marlin_kernel(
     zp_col = 8 * (n_of // 64) + n_of % 8
     zp_j = (n_of % 64) // 8
     zp_shift = 4 * (zp_j // 2 + 4 * (zp_j % 2))
+    # row offsets in int64: m * stride_xm and (k / 16) * 2N pass 2**31 on large layers
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
@@ -135,12 +140,12 @@ def _marlin_kernel(
         else:
             x_col = k_of
         a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + x_col[None, :] * stride_xk,
+            x_rows + x_col[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )  # [BM, BK]
         offs_rt = kt * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
-        word_k = (offs_rt // 4) * (2 * N) + 4 * (offs_rt % 4)  # [BK/4]
+        word_k = (offs_rt // 4).to(tl.int64) * (2 * N) + 4 * (offs_rt % 4)  # [BK/4]
         words = tl.load(
             b_ptr + word_k[:, None] + word_n[None, :],
             mask=(offs_rt < K // 4)[:, None] & mask_w[None, :],
@@ -151,9 +156,9 @@ def _marlin_kernel(
 
         if HAS_G_IDX or (GROUP_SIZE != -1 and GROUP_SIZE % BLOCK_K != 0):
             if HAS_G_IDX:
-                g = tl.load(g_idx_ptr + k_of, mask=mask_k, other=0)
+                g = tl.load(g_idx_ptr + k_of, mask=mask_k, other=0).to(tl.int64)
             else:
-                g = k_of // GROUP_SIZE
+                g = (k_of // GROUP_SIZE).to(tl.int64)
             s = tl.load(s_ptr + g[:, None] * N + s_col[None, :], mask=mask_kn, other=0.0)
             if HAS_ZEROS:
                 zw = tl.load(
@@ -168,7 +173,7 @@ def _marlin_kernel(
             if GROUP_SIZE == -1:
                 g0 = 0
             else:
-                g0 = (kt * BLOCK_K) // GROUP_SIZE
+                g0 = tl.cast((kt * BLOCK_K) // GROUP_SIZE, tl.int64)
             s = tl.load(s_ptr + g0 * N + s_col, mask=mask_n, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 zw = tl.load(zp_ptr + g0 * (N // 8) + zp_col, mask=mask_n, other=0)
@@ -216,6 +221,9 @@ def marlin_matmul(
     Returns:
         ``[..., n]`` in ``x.dtype`` (fp32 accumulation).
 
+    Any strides are accepted: ``x`` is read through its strides, the other tensors are
+    made contiguous (a copy only when they are not).
+
     Raises:
         ValueError: shapes / dtypes / devices inconsistent with ``k``, ``n``, ``group_size``.
         UnsupportedError: ``bits != 4``; a CPU tensor without the interpreter.
@@ -228,10 +236,12 @@ def marlin_matmul(
         x, B, s, k=k, n=n, group_size=group_size, zp=zp, perm=perm, g_idx=g_idx, bias=bias
     )
     _launch.ensure_launchable("marlin_matmul", x, _marlin_kernel)
+    B, s, zp, perm, g_idx, bias = _launch.contiguous(B, s, zp, perm, g_idx, bias)
     m = dims.m
-    x2 = x.reshape(m, k)  # [M, K]
+    x2 = x.reshape(m, k)  # [M, K], any strides
     grouped = marlin_grouped(k, group_size)
-    plan = _launch.plan(m, config)
+    kernel_group_size = group_size if grouped else -1
+    plan = _launch.plan(m, config, kernel_group_size)
     out = _launch.allocate_out(plan, m, n, x)  # [M, N]
     if m > 0:
         args = (
@@ -251,7 +261,7 @@ def marlin_matmul(
             x2.stride(1),
         )
         constexprs = dict(
-            GROUP_SIZE=group_size if grouped else -1,
+            GROUP_SIZE=kernel_group_size,
             GROUPED_SCALES=grouped,
             HAS_ZEROS=zp is not None,
             HAS_G_IDX=g_idx is not None,

@@ -95,11 +95,17 @@ def gptq_matmul_ref(
     version: int = 1,
     bias: torch.Tensor | None = None,
     group_size: int | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [..., k] @ gptq_dequantize(...) (+ bias)`` -> ``[..., n]`` in ``x.dtype``."""
+    """``x [..., k] @ gptq_dequantize(...) (+ bias)`` -> ``[..., n]`` in ``x.dtype``.
+
+    ``perm`` (int ``[k]``, optional): row ``r`` of ``qweight`` (and ``g_idx[r]``) belongs to
+    input channel ``perm[r]``, so the activations are gathered as ``x[..., perm]``."""
     w = gptq_dequantize(
         qweight, qzeros, scales, g_idx, bits=bits, version=version, group_size=group_size
     )
+    if perm is not None:
+        x = x[..., perm.long()]
     return _finish(x, w, bias)
 
 
