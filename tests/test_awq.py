@@ -160,7 +160,7 @@ def test_fold_keeps_float_logits(family, overrides):
             key = f"{spec.blocks}.{i}.{group.prev}"
             if key in scales:
                 fold_scales(block.get_submodule(group.prev), [block.get_submodule(n) for n in group.linears],
-                            scales[key], key)
+                            scales[key], key, kind=group.kind)
     if overrides:
         assert model.model.layers[0].self_attn.v_proj.bias is not None
     folded = _logits(model, ids)

@@ -76,7 +76,25 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
         raise UnsupportedError(
             f"--format {config.format} cannot store {len(failures)} of {len(shapes)} layers, e.g. {first[0]}: {first[1]}"
         )
+    prove_layout(model, spec, config.method)
     return spec, config, shapes
+
+
+def prove_layout(model, spec, method: str) -> None:
+    """Run every block once on a few tokens: the family file must describe the real
+    execution (``qtool.models.layout``) and, for AWQ, every fold must keep the float
+    block's output (``qtool.awq.prove``); otherwise a one-line ``UnsupportedError``."""
+    from qtool.awq.prove import prove_folds
+    from qtool.models.layout import check_execution, probe_blocks
+
+    t0, proofs = time.perf_counter(), []
+    for probe in probe_blocks(model, spec):
+        check_execution(spec, probe)
+        if method == "awq":
+            proofs += prove_folds(spec, probe)
+    log.info("layout of %s checked%s in %.2fs", spec.name,
+             f", {len(proofs)} AWQ folds proven (worst {max(p.rel_error for p in proofs):.1e})" if proofs else "",
+             time.perf_counter() - t0)
 
 
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
@@ -93,7 +111,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     from qtool.calib import load_calibration
     from qtool.io import save_checkpoint
     from qtool.methods import get_method
-    from qtool.pipeline import BlockInputs, capture_inputs, quantize_model
+    from qtool.pipeline import capture_inputs, quantize_model
     from qtool.resume import WorkDir, check_work_dir, fingerprint, model_fingerprint
 
     t_start = time.perf_counter()
@@ -124,7 +142,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         if calib is not None and start < len(blocks):
             dtype_c = torch.float32 if dev.type == "cpu" else next(hf_model.parameters()).dtype
             captured = capture_inputs(hf_model, spec, calib.input_ids, config.batch_size, dev, dtype_c)
-            inputs = BlockInputs(work.load_inputs(), captured.kwargs)
+            inputs = captured.at_block(start, work.load_inputs())
 
     block_delay = float(os.environ.get("QTOOL_TEST_BLOCK_DELAY", "0"))  # lets tests interrupt mid-loop
 

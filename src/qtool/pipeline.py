@@ -1,6 +1,6 @@
-"""The block-by-block loop: capture block-0 inputs, let the method quantize each block
-from its captured inputs, write the dequantized weights back, re-run the block to produce
-the next block's inputs, move on.
+"""The block-by-block loop: capture block-0 inputs (and every block's own call
+arguments), let the method quantize each block from its captured inputs, write the
+dequantized weights back, re-run the block to produce the next block's inputs, move on.
 
 Model weights stay on CPU; one block at a time visits the compute device. Calibration
 activations live as ``[batch, seqlen, hidden]`` chunks so no step holds more than one
@@ -44,20 +44,24 @@ class _StopForward(Exception):
     """Raised from a hook once every module a pass needs has run."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0 to record its inputs, then stops the model's forward."""
+class _Catcher:
+    """Stands in for one block's ``forward`` during capture: records the keyword arguments
+    of every call (and, for block 0, the hidden states) and passes the hidden states on
+    unchanged; the last block's stops the model's forward before the final norm and head."""
 
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
+    def __init__(self, record_hidden: bool, last: bool):
+        self.record_hidden, self.last = record_hidden, last
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def __call__(self, hidden_states, *args, **kwargs):
         assert not args, "decoder blocks are called with keyword arguments"
-        self.hidden.append(hidden_states.detach())
+        if self.record_hidden:
+            self.hidden.append(hidden_states.detach())
         self.kwargs.append(kwargs)
-        raise _StopForward
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
 
 def _to(obj, device, dtype=None):
@@ -77,24 +81,41 @@ def _to(obj, device, dtype=None):
 @dataclass
 class BlockInputs:
     """Captured inputs of the current block: ``hidden[i]`` float ``[b, seqlen, h]`` and
-    the keyword arguments the model passed with it (masks, positions, rotary tables)."""
+    the keyword arguments the model passed with it (masks, positions, rotary tables).
+
+    ``block_kwargs[j][i]``: the keyword arguments the model gives block ``j`` with chunk
+    ``i`` (blocks differ: sliding-window vs global masks, local vs global rotary tables);
+    None means ``kwargs`` serve every block."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    block_kwargs: list[list[dict]] | None = None
 
     @property
     def num_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def at_block(self, index: int, hidden: list[torch.Tensor]) -> BlockInputs:
+        """The inputs of block ``index``: ``hidden`` with that block's own keyword arguments."""
+        if self.block_kwargs is None:
+            return BlockInputs(hidden, self.kwargs)
+        return BlockInputs(hidden, self.block_kwargs[index], self.block_kwargs)
+
 
 def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, batch_size: int,
                    device: torch.device, dtype: torch.dtype) -> BlockInputs:
-    """Run the model up to block 0 on every calibration chunk and keep block 0's inputs."""
+    """Run the model's forward on every calibration chunk with each block's computation
+    skipped (its hidden states pass through), keeping block 0's inputs and every block's
+    keyword arguments. Those arguments depend only on the token positions, never on the
+    hidden states, so they are what the real forward gives each block. Blocks of one
+    kind receive the same objects, which are stored once."""
     blocks = get_blocks(model, spec)
-    catcher = _Catcher(blocks[0])
-    blocks[0] = catcher
+    catchers = [_Catcher(i == 0, i == len(blocks) - 1) for i in range(len(blocks))]
+    shadowed = [block.__dict__.get("forward") for block in blocks]
     moved = [m for m in (model.get_input_embeddings(), getattr(model.model, "rotary_emb", None)) if m is not None]
     try:
+        for block, catcher in zip(blocks, catchers):
+            block.forward = catcher  # an instance attribute: nn.Module.__call__ runs it instead
         for m in moved:
             m.to(device)
         with torch.inference_mode():
@@ -105,12 +126,40 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, ba
                 except _StopForward:
                     pass
     finally:
-        blocks[0] = catcher.block
+        for block, forward in zip(blocks, shadowed):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
         for m in moved:
             m.to("cpu")
-    hidden = [h.to("cpu", dtype) for h in catcher.hidden]
-    kwargs = [_to(kw, "cpu") for kw in catcher.kwargs]
-    return BlockInputs(hidden, kwargs)
+    hidden = [h.to("cpu", dtype) for h in catchers[0].hidden]
+    on_cpu: dict[int, dict] = {}
+    per_chunk = [_dedupe([c.kwargs[i] for c in catchers]) for i in range(len(hidden))]  # [chunk][block]
+    block_kwargs = [[on_cpu.setdefault(id(kw), _to(kw, "cpu")) for kw in chunk] for chunk in per_chunk]
+    block_kwargs = [list(per_block) for per_block in zip(*block_kwargs)]  # [block][chunk]
+    return BlockInputs(hidden, block_kwargs[0], block_kwargs)
+
+
+def _dedupe(calls: list[dict]) -> list[dict]:
+    """``calls`` with each dict replaced by the first equal one (same keys, the same
+    objects), so blocks of one kind share one stored copy."""
+    unique: list[dict] = []
+    out = []
+    for kw in calls:
+        same = next((u for u in unique if u.keys() == kw.keys() and all(_same(u[k], kw[k]) for k in kw)), None)
+        if same is None:
+            unique.append(kw)
+        out.append(kw if same is None else same)
+    return out
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and isinstance(a, (bool, int, float, str)) and a == b
 
 
 class BlockContext:
@@ -254,7 +303,7 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
             ctx.write_back(name, res.qweight)
         if inputs is not None and i + 1 < len(blocks):
             outputs = ctx.outputs if ctx.outputs is not None else ctx.run(collect_outputs=True)
-            inputs = BlockInputs(outputs, inputs.kwargs)
+            inputs = inputs.at_block(i + 1, outputs)
             for h in inputs.hidden:
                 check_finite(f"{prefix} output", h, "activations")
         block.to(device="cpu", dtype=original_dtype)

@@ -1,7 +1,11 @@
 """Fold AWQ scales into a block: the producer's output channel ``c`` is divided by
 ``s[c]`` and every consumer's input column ``c`` multiplied by ``s[c]``. The float block
 computes the same function afterwards (up to float rounding), while the consumers'
-weights now carry the salient channels at a larger, better-quantized magnitude."""
+weights now carry the salient channels at a larger, better-quantized magnitude.
+
+How the producer absorbs ``1 / s`` depends on what it computes, which the family file
+declares (``qtool.models.base.Producer``); ``qtool.awq.prove`` checks every fold on the
+real model before calibration."""
 
 from __future__ import annotations
 
@@ -11,44 +15,53 @@ import torch
 from torch import nn
 
 from qtool.errors import UnsupportedError
+from qtool.models.base import Producer
 
 
-def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.Tensor, name: str = "") -> None:
+def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.Tensor, name: str = "", *,
+                kind: Producer) -> None:
     """Apply ``scales`` in place.
 
     Args:
-        prev: the producer: an ``nn.Linear`` (rows of weight and bias divided) or a norm
-            with a per-channel ``weight`` (and optional ``bias``) that multiplies its
-            normalised output (RMSNorm, LayerNorm).
+        prev: the producer: an ``nn.Linear`` (``kind=LINEAR``: rows of weight and bias
+            divided) or a norm with a per-channel ``weight`` (and optional ``bias``):
+            ``RMSNORM``/``LAYERNORM`` (``norm(x) * w (+ b)``: ``w / s``) or
+            ``RMSNORM_ONE_PLUS`` (``norm(x) * (1 + w)``: ``w' = (1 + w) / s - 1``).
         consumers: linears reading ``prev``'s output; weight columns multiplied.
         scales: float ``[k]``, ``k`` = ``prev``'s output channels = consumers' in_features.
         name: the group, for error messages.
+        kind: what ``prev`` computes (from the family file's ``ScaleGroup.kind``).
 
     Raises:
-        UnsupportedError: ``prev`` has no per-channel weight of length ``k``.
+        UnsupportedError: ``prev`` is not what ``kind`` says, or a shape does not match ``k``.
     """
     k = scales.numel()
+    s = scales.float()
     with torch.no_grad():
-        if isinstance(prev, nn.Linear):
-            if prev.out_features != k:
-                raise UnsupportedError(f"AWQ cannot fold scales into {name}: {prev.out_features} outputs, {k} scales")
-            _divide(prev.weight, scales[:, None])
+        if kind is Producer.LINEAR:
+            if not isinstance(prev, nn.Linear) or prev.out_features != k:
+                raise UnsupportedError(f"AWQ cannot fold scales into {name} ({type(prev).__name__}): it needs a linear "
+                                       f"with {k} outputs; use --method gptq or rtn for this architecture")
+            _set(prev.weight, prev.weight.float() / s.to(prev.weight.device)[:, None])
         else:
             weight = getattr(prev, "weight", None)
-            if not isinstance(weight, torch.Tensor) or weight.shape != (k,):
+            if isinstance(prev, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.shape != (k,):
                 raise UnsupportedError(
-                    f"AWQ cannot fold scales into {name} ({type(prev).__name__}): it needs a per-channel weight of "
-                    f"length {k}; use --method gptq or rtn for this architecture")
-            _divide(weight, scales)
+                    f"AWQ cannot fold scales into {name} ({type(prev).__name__}): it needs a norm with a per-channel "
+                    f"weight of length {k}; use --method gptq or rtn for this architecture")
+            sw = s.to(weight.device)
+            if kind is Producer.RMSNORM_ONE_PLUS:
+                _set(weight, (1.0 + weight.float()) / sw - 1.0)
+            else:
+                _set(weight, weight.float() / sw)
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
-            _divide(bias, scales)
+            _set(bias, bias.float() / s.to(bias.device))
         for lin in consumers:
             if lin.in_features != k:
                 raise UnsupportedError(f"AWQ cannot fold scales of {name}: a consumer has {lin.in_features} inputs, not {k}")
-            w = lin.weight
-            w.copy_((w.float() * scales.to(w.device, torch.float32)[None, :]).to(w.dtype))
+            _set(lin.weight, lin.weight.float() * s.to(lin.weight.device)[None, :])
 
 
-def _divide(param: torch.Tensor, scales: torch.Tensor) -> None:
-    param.copy_((param.float() / scales.to(param.device, torch.float32)).to(param.dtype))
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value.to(param.dtype))

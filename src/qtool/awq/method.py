@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from qtool.awq.apply import fold_scales
 from qtool.awq.auto_clip import search_clip
@@ -82,7 +81,7 @@ class AWQMethod:
                 self.search_results[kind].update(part[kind])
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]:
-        groups = [g for g in ctx.spec.scale_groups if _foldable(ctx, g)]
+        groups = [g for g in ctx.spec.scale_groups if g.applies_to(ctx.block)]
         plan = self._search(ctx, groups) if self.load_search is None else self._apply_loaded(ctx, groups)
         cfg = ctx.config
         out: dict[str, LayerResult] = {}
@@ -131,7 +130,7 @@ class AWQMethod:
             else:
                 res = search_module_scale(ctx.block.get_submodule(group.module), linears, calls[group.module],
                                           st.mean_abs, cfg.bits, cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
-            fold_scales(ctx.block.get_submodule(group.prev), linears, res.scales, key)
+            fold_scales(ctx.block.get_submodule(group.prev), linears, res.scales, key, kind=group.kind)
             s = res.scales.to(st.gram.device)
             grams[src] = st.gram / (s[:, None] * s[None, :])
             self.search_results["scales"][key] = res.scales.cpu()
@@ -168,7 +167,7 @@ class AWQMethod:
             if scales is None or scales.shape != (linears[0].in_features,):
                 raise UserInputError(f"the AWQ search file has no scales of length {linears[0].in_features} for {key}: "
                                      "it was saved for another model; search again without --load-search")
-            fold_scales(ctx.block.get_submodule(group.prev), linears, scales, key)
+            fold_scales(ctx.block.get_submodule(group.prev), linears, scales, key, kind=group.kind)
             self.search_results["scales"][key] = scales
             alpha = loaded.get("alpha", {}).get(key)
             if alpha is not None:
@@ -214,12 +213,3 @@ def _source_of(ctx: BlockContext) -> dict[str, str]:
 
 def _scores_single_linear(group: ScaleGroup) -> bool:
     return group.linears == (group.module,)
-
-
-def _foldable(ctx: BlockContext, group: ScaleGroup) -> bool:
-    """Linear -> linear groups need the producer's outputs to be the consumers' inputs
-    one to one (no grouped-query head repetition between v_proj and o_proj)."""
-    if not group.requires_equal_shapes:
-        return True
-    prev = ctx.block.get_submodule(group.prev)
-    return isinstance(prev, nn.Linear) and all(ctx.linear(n).in_features == prev.out_features for n in group.linears)

@@ -3,7 +3,10 @@
 ``spec_for(model)`` finds the family by ``config.model_type``. An unknown type gets the
 *generic Llama-like fallback* only when the model really has that layout (every block has
 the Llama module names with linear layers at each of them); otherwise the error lists the
-supported families.
+supported families. The fallback is provisional: before calibration,
+``qtool.models.layout`` checks the order in which the block really runs its linears, and
+for AWQ ``qtool.awq.prove`` checks every fold, so a model that only shares Llama's names
+is refused in one line instead of being quantized wrongly.
 """
 
 from __future__ import annotations
@@ -14,18 +17,26 @@ from dataclasses import replace
 import torch.nn as nn
 
 from qtool.errors import UnsupportedError
-from qtool.models import llama, mistral, qwen2, qwen3
-from qtool.models.base import ArchSpec, ScaleGroup
+from qtool.models import gemma, gemma2, gemma3, llama, mistral, olmo2, qwen2, qwen3
+from qtool.models.base import ArchSpec, Producer, ScaleGroup
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ArchSpec, ...] = (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC)
+FAMILIES: tuple[ArchSpec, ...] = (
+    llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC, gemma2.SPEC, gemma3.SPEC, olmo2.SPEC,
+)
 
-__all__ = ["ArchSpec", "ScaleGroup", "FAMILIES", "spec_for", "get_blocks", "supported_model_types"]
+__all__ = ["ArchSpec", "Producer", "ScaleGroup", "FAMILIES", "spec_for", "get_blocks", "is_registered",
+           "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for spec in FAMILIES for t in spec.model_types)
+
+
+def is_registered(spec: ArchSpec) -> bool:
+    """Whether ``spec`` comes from a family file (not the generic Llama-like fallback)."""
+    return spec in FAMILIES
 
 
 def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
@@ -63,7 +74,8 @@ def spec_for(model: nn.Module) -> ArchSpec:
             return spec
     generic = replace(llama.SPEC, name=f"generic-llama-like ({model_type})", model_types=(str(model_type),))
     if _has_layout(model, generic):
-        log.warning("architecture '%s' is not registered; using the generic Llama-like layout", model_type)
+        log.warning("architecture '%s' is not registered; trying the generic Llama-like layout (checked on the model "
+                    "before calibration)", model_type)
         return generic
     raise UnsupportedError(
         f"unsupported architecture '{model_type}': qtool supports {', '.join(supported_model_types())} "

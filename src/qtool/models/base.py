@@ -1,23 +1,52 @@
 """Declarative description of one architecture family: where the decoder blocks are,
 which linears a block holds in execution order, and which norm or linear feeds which
-group of linears. The pipeline, GPTQ (true-sequential order) and AWQ (scale groups) read
-these facts; nothing else in qtool branches on the architecture."""
+group of linears, and how that producer absorbs an AWQ scale. The pipeline, GPTQ
+(true-sequential order) and AWQ (scale groups) read these facts; nothing else in qtool
+branches on the architecture.
+
+Every fact is checked against the real model before calibration (``qtool.models.layout``
+for the execution order, ``qtool.awq.prove`` for the folds), so a wrong file is refused
+instead of quantizing wrongly.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+from torch import nn
+
+
+class Producer(str, Enum):
+    """What produces the input of a scaling group, i.e. how it absorbs ``1 / s``.
+
+    - ``LINEAR``: ``y = x W^T + b``: rows of ``W`` and ``b`` divided by ``s``.
+    - ``RMSNORM``: ``y = norm(x) * w`` (Llama, Qwen, OLMo2): ``w / s``.
+    - ``RMSNORM_ONE_PLUS``: ``y = norm(x) * (1 + w)`` (Gemma 1/2/3): ``w' = (1 + w) / s - 1``.
+    - ``LAYERNORM``: ``y = norm(x) * w + b``: ``w / s`` and ``b / s``.
+
+    A norm's bias, where it has one, is divided by ``s`` for every norm kind.
+    """
+
+    LINEAR = "linear"
+    RMSNORM = "x*w"
+    RMSNORM_ONE_PLUS = "x*(1+w)"
+    LAYERNORM = "x*w+b"
 
 
 @dataclass(frozen=True)
 class ScaleGroup:
-    """One AWQ scaling group: ``prev`` produces the input of every linear in ``linears``.
+    """One AWQ scaling group: ``prev`` produces the input of every linear in ``linears``
+    (and of nothing else), so scaling the linears' input columns by ``s`` and ``prev``'s
+    output channels by ``1 / s`` leaves the block's function unchanged.
 
     Attributes:
-        prev: module (relative to the block) whose output feeds ``linears``: an RMSNorm /
-            LayerNorm (scale folded into its weight) or a linear (folded into its rows).
+        prev: module (relative to the block) whose output feeds ``linears``: a norm (a
+            pre-norm, or the pre-MLP norm of a sandwich-norm block) or a linear.
         linears: the consumers whose input columns are scaled.
         module: the submodule whose output is scored during the scale search (the
             attention or MLP that consumes the group, or the single consuming linear).
+        kind: how ``prev`` absorbs the scales (``Producer``).
         requires_equal_shapes: for linear->linear groups (v -> o): only valid when the
             producer's out_features equals the consumer's in_features (no grouped-query
             head repetition in between).
@@ -26,7 +55,18 @@ class ScaleGroup:
     prev: str
     linears: tuple[str, ...]
     module: str
+    kind: Producer = Producer.RMSNORM
     requires_equal_shapes: bool = False
+
+    def applies_to(self, block: nn.Module) -> bool:
+        """Whether the group exists in ``block``: linear->linear groups need the
+        producer's outputs to be the consumers' inputs one to one (no grouped-query head
+        repetition between v_proj and o_proj)."""
+        if not self.requires_equal_shapes:
+            return True
+        prev = block.get_submodule(self.prev)
+        return isinstance(prev, nn.Linear) and all(
+            block.get_submodule(n).in_features == prev.out_features for n in self.linears)
 
 
 @dataclass(frozen=True)
@@ -39,10 +79,18 @@ class ArchSpec:
         blocks: dotted path of the ``nn.ModuleList`` of decoder blocks.
         sequential: linears grouped in execution order; linears of one tuple see the same
             input, and later tuples see inputs produced by earlier (quantized) ones.
-        scale_groups: AWQ scaling groups in execution order.
+        scale_groups: AWQ scaling groups in execution order. Only exact folds belong
+            here: a norm (or linear) whose output goes to these linears and nowhere else.
+            A family whose norms come after attention/MLP (OLMo2) has only linear->linear
+            groups.
+        attention, mlp: the attention and MLP submodules, when each returns its last
+            linear's output (o_proj, down_proj) as its primary output; GPTQ then replays
+            cached outputs instead of re-running the block.
         no_clip: linears AWQ does not clip. Queries and keys meet in the attention
             scores, where a clipped outlier moves the softmax far more than the linear's
             own output error shows (the paper's choice).
+        float_linears: ``nn.Linear`` modules of a block deliberately kept in float (e.g.
+            a router); any other linear that ``sequential`` does not list is refused.
     """
 
     name: str
@@ -53,6 +101,7 @@ class ArchSpec:
     attention: str | None = None
     mlp: str | None = None
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    float_linears: tuple[str, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -60,8 +109,8 @@ class ArchSpec:
         return tuple(name for group in self.sequential for name in group)
 
 
-# The layout shared by the Llama lineage (Llama, Mistral, Qwen2/3, ...): pre-norm
-# attention with q/k/v/o projections and a gated MLP.
+# The layout shared by the Llama lineage (Llama, Mistral, Qwen2/3, Gemma, OLMo2, ...):
+# attention with q/k/v/o projections and a gated MLP, run in this order.
 LLAMA_LIKE_SEQUENTIAL = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -69,9 +118,34 @@ LLAMA_LIKE_SEQUENTIAL = (
     ("mlp.down_proj",),
 )
 
-LLAMA_LIKE_SCALE_GROUPS = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", requires_equal_shapes=True),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-)
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+# linear -> linear groups of the Llama-like block: v -> o (exact: attention mixes tokens,
+# not channels, within a head) and up -> down (exact: act(gate) * up is linear in up).
+V_TO_O = ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", Producer.LINEAR,
+                    requires_equal_shapes=True)
+UP_TO_DOWN = ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", Producer.LINEAR)
+
+
+def pre_norm_scale_groups(kind: Producer, attention_norm: str = "input_layernorm",
+                          mlp_norm: str = "post_attention_layernorm") -> tuple[ScaleGroup, ...]:
+    """The four AWQ groups of a Llama-like block whose norms sit *before* attention and
+    MLP: ``attention_norm -> q/k/v``, ``v -> o``, ``mlp_norm -> gate/up``, ``up -> down``.
+
+    Args:
+        kind: the norms' kind (``Producer.RMSNORM``, ``RMSNORM_ONE_PLUS``, ``LAYERNORM``).
+        mlp_norm: the norm whose output is the MLP's input: ``post_attention_layernorm``
+            in Llama/Gemma (named for its place after the attention residual), but
+            ``pre_feedforward_layernorm`` in Gemma2/3, whose ``post_attention_layernorm``
+            normalises the attention output instead (sandwich norms).
+    """
+    return (
+        ScaleGroup(attention_norm, QKV, "self_attn", kind),
+        V_TO_O,
+        ScaleGroup(mlp_norm, GATE_UP, "mlp", kind),
+        UP_TO_DOWN,
+    )
+
+
+LLAMA_LIKE_SCALE_GROUPS = pre_norm_scale_groups(Producer.RMSNORM)
