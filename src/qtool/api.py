@@ -13,12 +13,11 @@ from typing import Any, Callable
 import torch
 
 from qtool import __version__
-from qtool.config import QuantizeConfig, resolve_awq_search_tokens, resolve_group_size
-from qtool.errors import UnsupportedError, UserInputError
-from qtool.io import check_output_path, format_options, load_quantized_model, read_qtool_json, sha256_file
-from qtool.loading import load_model, resolve, source_paths
+from qtool.config import QuantizeConfig, resolve_awq_search_tokens
+from qtool.errors import UserInputError
+from qtool.io import check_output_path, load_quantized_model, read_qtool_json, sha256_file
+from qtool.loading import load_model, resolve, skeleton_model, source_paths
 from qtool.models import get_blocks, spec_for
-from qtool.pack import get_format
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., None]
@@ -38,44 +37,44 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_format_options(config: QuantizeConfig) -> None:
-    """Method/format/option combinations that cannot work, before any model loading."""
-    fmt = get_format(config.format)
-    reason = fmt.check_options(config.bits, config.group_size or 64, config.symmetric, config.uses_act_order,
-                               **format_options(config.format, config))
-    if reason:
-        raise UnsupportedError(f"--format {config.format}: {reason}")
+def check_format_options(config: QuantizeConfig, source=None) -> None:
+    """Refuse, before any weights are read, method/format/option combinations that no
+    model could store. The fixes the message names are checked against the layer shapes
+    of ``source`` (read from its config alone, ``loading.skeleton_model``) when it is given
+    and readable, else against the options only."""
+    from qtool.fixes import check_plan, plan_problem, quantize_fix
+
+    problem = plan_problem(config, None)
+    if problem is None:
+        return
+    skeleton = None if source is None else skeleton_model(source)
+    check_plan(config, None if skeleton is None else layer_shapes(skeleton, spec_for(skeleton)))
+    raise problem.error(f"{problem.text}; {quantize_fix(config, None, problem)}")  # not reached: no shape helps
+
+
+def layer_shapes(model, spec) -> dict[str, tuple[int, int]]:
+    """``name -> (out_features, in_features)`` of every linear qtool quantizes, in order."""
+    shapes = {}
+    for i, block in enumerate(get_blocks(model, spec)):
+        for name in spec.linears:
+            lin = block.get_submodule(name)
+            shapes[f"{spec.blocks}.{i}.{name}"] = (lin.out_features, lin.in_features)
+    return shapes
 
 
 def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, tuple[int, int]]]:
     """Architecture, resolved config and the quantized layers' shapes; every shape or
     format constraint is checked here, before calibration."""
+    from qtool.fixes import check_plan
     from qtool.pipeline import check_finite
 
     spec = spec_for(model)
-    blocks = get_blocks(model, spec)
     for name, param in model.named_parameters():
         check_finite(name, param)
-    shapes = {}
-    for i, block in enumerate(blocks):
-        for name in spec.linears:
-            lin = block.get_submodule(name)
-            shapes[f"{spec.blocks}.{i}.{name}"] = (lin.out_features, lin.in_features)
+    shapes = layer_shapes(model, spec)
     in_features = {n: k for n, (_, k) in shapes.items()}
-    config = resolve_awq_search_tokens(resolve_group_size(config, in_features), in_features)
-    check_format_options(config)
-    fmt = get_format(config.format)
-    failures = {}
-    for name, (n, k) in shapes.items():
-        reason = fmt.check_layer(n, k, config.bits, config.group_size, config.symmetric, config.uses_act_order,
-                                 **format_options(config.format, config))
-        if reason:
-            failures[name] = reason
-    if failures:
-        first = next(iter(failures.items()))
-        raise UnsupportedError(
-            f"--format {config.format} cannot store {len(failures)} of {len(shapes)} layers, e.g. {first[0]}: {first[1]}"
-        )
+    # group size resolved, every option and layer shape checked; a refusal names only fixes that work here
+    config = resolve_awq_search_tokens(check_plan(config, shapes), in_features)
     prove_layout(model, spec, config.method)
     return spec, config, shapes
 
@@ -118,7 +117,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     source = resolve(model)
     check_output_path(output, force, source_paths(source))
     check_work_dir(output, resume, restart, source_paths(source))
-    check_format_options(config)
+    check_format_options(config, source)
     dev = resolve_device(device)
     progress("stage", name="load", detail=source.display)
     hf_model, tokenizer, folder = load_model(source, dtype)

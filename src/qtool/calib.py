@@ -44,6 +44,9 @@ class Calibration:
 
 
 def bundled_calib_dir() -> Path:
+    """The folder of the bundled calibration text: ``qtool/calib_data`` inside an installed
+    wheel (setup.py maps the repository's ``calib_data/`` there), else the repository's own
+    ``calib_data/`` next to ``src/`` (editable installs and source checkouts)."""
     here = Path(__file__).resolve()
     for candidate in (here.parent / "calib_data", here.parents[2] / "calib_data"):
         if any(candidate.glob("*.txt")):

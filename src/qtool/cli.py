@@ -96,6 +96,23 @@ def _run_with_progress(fn, *args, **kwargs) -> Any:
             reporter.close()
 
 
+SWITCH_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def _not_a_switch_value(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    """On/off options take no value, so in ``qtool quantize --sym false`` the word "false"
+    lands in the positional MODEL/CHECKPOINT: refuse it as a usage error (unless such a
+    path really exists), naming this command's switches."""
+    import os
+
+    if value is None or value.lower() not in SWITCH_VALUES or os.path.exists(value):
+        return value
+    switches = ["/".join(p.opts + p.secondary_opts) for p in ctx.command.params
+                if getattr(p, "is_flag", False) and not getattr(p, "hidden", False)]
+    raise typer.BadParameter(f"'{value}' is not a path: on/off options take no value, write just the switch "
+                             f"({', '.join(switches[:3])})")
+
+
 QUANTIZE_HELP = """Quantize MODEL (a local HF folder, a .gguf file or a hub id; omitted: the built-in
 SmolLM2-135M-Instruct) block by block and save a safetensors checkpoint.
 
@@ -117,7 +134,8 @@ that need a monotone g_idx (exllama v1, some Marlin builds) want
 
 @app.command(help=QUANTIZE_HELP, short_help="Quantize a model (AWQ, GPTQ, RTN) into a checkpoint.")
 def quantize(
-    model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct)."),
+    model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct).",
+                                          callback=_not_a_switch_value),
     output: str = typer.Option(..., "-o", "--output", help="Output checkpoint folder (must not exist unless --force)."),
     method: str = typer.Option("gptq", "--method", "-m", help="rtn | gptq | awq"),
     bits: int = typer.Option(4, "--bits", help="4 or 8."),
@@ -167,7 +185,8 @@ def quantize(
 
 @app.command(short_help="Repack a checkpoint in another format, exactly.")
 def convert(
-    checkpoint: str = typer.Argument(..., help="A quantized checkpoint folder (gptq, awq, marlin or compressed-tensors)."),
+    checkpoint: str = typer.Argument(..., help="A quantized checkpoint folder (gptq, awq, marlin or compressed-tensors).",
+                                     callback=_not_a_switch_value),
     to: str = typer.Option(..., "--to", "-t", help="gptq | awq | marlin | compressed-tensors"),
     output: str = typer.Option(..., "-o", "--output", help="Output checkpoint folder (must not exist unless --force)."),
     gptq_version: int = typer.Option(0, "--gptq-version", show_default=False, help="--to gptq: checkpoint_format 1 (gptq) or 2 (gptq_v2).  [default: auto = 1 if sym else 2]"),
@@ -204,7 +223,8 @@ def eval_cmd(
 
 @app.command(short_help="What a checkpoint holds: summary, errors, provenance.")
 def inspect(
-    checkpoint: str = typer.Argument(..., help="A checkpoint folder written by qtool (or any quantized HF folder)."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint folder written by qtool (or any quantized HF folder).",
+                                     callback=_not_a_switch_value),
     verify: bool = typer.Option(False, "--verify", help="Recompute the sha256 of every file against qtool.json."),
     layers: bool = typer.Option(False, "--layers", help="List every layer with all its stats, in layer order (default: the 5 worst)."),
 ) -> None:

@@ -71,11 +71,26 @@ def _first_problem(fmt, qweights: dict[str, QuantizedWeight], act_order: bool, o
 
 
 def _hint(qweights: dict[str, QuantizedWeight], act_order: bool, sym: bool, to: str) -> str:
-    """The other formats whose options and shapes hold every layer (default options), as
-    the fix to name in a refusal."""
-    holders = [name for name, fmt in sorted(FORMATS.items())
+    """The fix to name in a refusal, in ``qtool convert``'s own options: the other
+    ``--to`` formats whose options and shapes hold every layer (default options)."""
+    holders = [f"--to {name}" for name, fmt in sorted(FORMATS.items())
                if name != to and _first_problem(fmt, qweights, act_order, target_options(name, sym, None)) is None]
-    return f" (formats that can hold these weights: {', '.join(holders)})" if holders else ""
+    if not holders:
+        return "; no other format holds these weights exactly"
+    return f"; these weights convert exactly with {' or '.join(holders)}"
+
+
+def _requantize(qweights: dict[str, QuantizedWeight], src_record: dict | None, params: dict, to: str) -> str:
+    """Whether quantizing the model again could reach ``to`` (the fix is then a ``qtool
+    quantize`` command), or why no quantization of layers of these shapes can."""
+    from qtool.config import METHODS
+    from qtool.fixes import requantize_note
+
+    method = ((src_record or {}).get("config") or {}).get("method")
+    shapes = {name: qw.shape for name, qw in qweights.items()}
+    note = requantize_note(to, method if method in METHODS else "rtn", params["bits"], params["group_size"],
+                           params["sym"], params["act_order"], shapes)
+    return f"; {note}" if note else ""
 
 
 def _describe(params: dict, fmt_name: str, options: dict) -> str:
@@ -130,7 +145,8 @@ def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, g
         if problem:
             name, why, count = problem
             reason = f"{count} of {len(qweights)} layers do not fit, e.g. {name}: {why}"
-        raise UnsupportedError(f"{what}: {reason}{_hint(qweights, act_order, params['sym'], to)}")
+        raise UnsupportedError(f"{what}: {reason}{_hint(qweights, act_order, params['sym'], to)}"
+                               f"{_requantize(qweights, src_record, params, to)}")
 
     model_config = json.loads((source / "config.json").read_text())
     model_config.pop("quantization_config", None)

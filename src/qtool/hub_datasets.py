@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from qtool.errors import UserInputError
+from qtool.hub_errors import failure_message, fetch_errors
 
 NOISY_LOGGERS = ("huggingface_hub", "datasets", "urllib3", "fsspec", "filelock", "httpx")
 CONNECT_TIMEOUT_S = 3.0
@@ -72,16 +73,20 @@ def quiet_libraries():
 
 def load_hub_dataset(repo: str, config: str | None, split: str, what: str, fix: str):
     """``datasets.load_dataset(repo, config, split=split)``, or one ``UserInputError``
-    ``could not load {what} ...; {fix}`` when the hub is unreachable or the load fails."""
+    ``could not load {what} ...`` naming the real cause (``qtool.hub_errors``): the offline
+    advice ``fix`` when the hub is unreachable, offline mode is on or the data is not cached;
+    the HTTP status, the gated or missing dataset, the path of a permission or disk-full
+    error otherwise."""
     if not offline_mode() and not hub_reachable():
         raise UserInputError(
             f"could not load {what}: {hub_endpoint()} is unreachable; {fix} "
             "(or set HF_HUB_OFFLINE=1 to use a copy in the `datasets` cache)"
         )
-    try:
-        import datasets
+    import datasets
 
+    try:
         with quiet_libraries():
             return datasets.load_dataset(repo, config, split=split)
-    except Exception as exc:  # missing, auth, not cached offline: one message for the user
-        raise UserInputError(f"could not load {what} through `datasets` ({type(exc).__name__}); {fix}") from exc
+    except fetch_errors() as exc:
+        raise UserInputError(failure_message(f"could not load {what} through `datasets`", exc, f"dataset '{repo}'",
+                                             fix)) from exc

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import UserInputError
+from qtool.hub_errors import failure_message, fetch_errors
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,20 @@ def source_paths(source: ModelSource) -> list[Path]:
 
 
 def _fetch_hub(repo_id: str) -> str:
+    """The local snapshot folder of hub model ``repo_id`` (downloaded through the HF cache).
+
+    Raises:
+        UserInputError: naming the real cause (gated, missing, HTTP status, disk, permission);
+            the offline advice only when the hub could not be reached.
+    """
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        raise UserInputError(
-            f"could not get '{repo_id}' from the Hugging Face hub ({type(exc).__name__}); if offline, "
-            f"download it elsewhere with `hf download {repo_id} --local-dir DIR` and pass DIR"
-        ) from exc
+    except fetch_errors() as exc:
+        raise UserInputError(failure_message(
+            f"could not get '{repo_id}' from the Hugging Face hub", exc, f"'{repo_id}'",
+            f"offline, download it elsewhere with `hf download {repo_id} --local-dir DIR` and pass DIR")) from exc
 
 
 def _strip_gguf_quant_state(model) -> None:
@@ -171,6 +177,28 @@ def local_folder(source: ModelSource) -> str | None:
     if source.kind == "hub":
         return _fetch_hub(source.path)
     return None
+
+
+def skeleton_model(source: ModelSource):
+    """The model's module tree on the meta device, built from its config alone (no weights
+    read, only ``config.json`` downloaded for a hub id), for checks that need the layer
+    shapes before loading; ``None`` when the config cannot be read (the load will say why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if source.kind in ("default", "gguf"):
+            config = AutoConfig.from_pretrained(os.path.dirname(source.path), gguf_file=os.path.basename(source.path))
+        elif source.kind == "hub":
+            from huggingface_hub import hf_hub_download
+
+            config = AutoConfig.from_pretrained(os.path.dirname(hf_hub_download(source.path, "config.json")))
+        else:
+            config = AutoConfig.from_pretrained(source.path)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, *fetch_errors()) as exc:
+        log.debug("no skeleton of %s: %s", source.display, exc)
+        return None
 
 
 def load_model(source: ModelSource, dtype: str = "auto"):

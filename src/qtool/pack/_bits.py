@@ -93,9 +93,10 @@ def group_count(k: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-k // group_size)
 
 
-def not_multiple(dim: str, value: int, of: int, why: str, fix: str) -> str | None:
-    """``"{dim}={value} is not a multiple of {of} ({why}); {fix}"`` when it is not, else ``None``."""
-    return f"{dim}={value} is not a multiple of {of} ({why}); {fix}" if value % of else None
+def not_multiple(dim: str, value: int, of: int, why: str) -> str | None:
+    """``"{dim}={value} is not a multiple of {of} ({why})"`` when it is not, else ``None``.
+    The fix is the caller's to name (``qtool.fixes``): it depends on the command."""
+    return f"{dim}={value} is not a multiple of {of} ({why})" if value % of else None
 
 
 def group_size_reason(k: int, group_size: int) -> str | None:
@@ -103,12 +104,9 @@ def group_size_reason(k: int, group_size: int) -> str | None:
     if group_size == -1:
         return None
     if group_size <= 0:
-        return f"group_size={group_size} is invalid; use a positive group size or -1"
+        return f"group_size={group_size} is invalid (a positive group size or -1)"
     if k % group_size:
-        return (
-            f"k={k} is not a multiple of group_size={group_size}; "
-            f"use a group size that divides {k} or -1 (one group per row)"
-        )
+        return f"k={k} is not a multiple of group_size={group_size}"
     return None
 
 

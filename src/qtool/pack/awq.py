@@ -46,24 +46,15 @@ _INVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8w + m sits in nibble _INVER
 def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> str | None:
     """Config-level reason why AWQ GEMM cannot store these options, or ``None``."""
     if bits != 4:
-        return f"bits={bits}: AWQ GEMM checkpoints are 4-bit only; use --bits 4 or --format gptq"
+        return f"bits={bits}: AWQ GEMM checkpoints are 4-bit only"
     if sym:
-        return (
-            "AWQ GEMM checkpoints store zero points (zero_point=true); "
-            "use --sym false or --format gptq"
-        )
+        return "symmetric weights: AWQ GEMM checkpoints store zero points (zero_point=true)"
     if act_order:
-        return (
-            "AWQ checkpoints have no g_idx, so act-order cannot be stored; "
-            "drop --act-order or use --format gptq"
-        )
+        return "act-order: AWQ checkpoints have no g_idx to store the column order"
     if group_size == -1:
-        return (
-            "AWQ needs a positive group size (vLLM's awq kernel divides k by it); "
-            "use --group-size 128"
-        )
+        return "AWQ needs a positive group size (vLLM's awq kernel divides k by it), not -1 (per channel)"
     if group_size <= 0:
-        return f"group_size={group_size} is invalid; use a positive group size such as 128"
+        return f"group_size={group_size} is invalid (AWQ needs a positive group size)"
     return None
 
 
@@ -73,7 +64,7 @@ def check_layer(
     """Reason why a ``[n, k]`` layer cannot be stored as AWQ GEMM, or ``None``."""
     return (
         check_options(bits, group_size, sym, act_order, **options)
-        or not_multiple("n", n, 8, "AWQ packs 8 outputs per int32", "use --format gptq or a model with n % 8 == 0")
+        or not_multiple("n", n, 8, "AWQ packs 8 outputs per int32")
         or group_size_reason(k, group_size)
     )
 

@@ -72,9 +72,9 @@ SUPPORTED_BITS = (4, 8)
 def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> str | None:
     """Config-level reason why pack-quantized cannot store these options, or ``None``."""
     if bits not in SUPPORTED_BITS:
-        return f"bits={bits} is not supported by the compressed-tensors writer; use --bits 4 or 8"
+        return f"bits={bits} is not supported by the compressed-tensors writer (4 or 8)"
     if group_size != -1 and group_size <= 0:
-        return f"group_size={group_size} is invalid; use a positive group size or -1 (channel)"
+        return f"group_size={group_size} is invalid (a positive group size or -1, per channel)"
     return None
 
 
@@ -85,9 +85,8 @@ def check_layer(
     per = per_word(bits) if bits in SUPPORTED_BITS else 1
     return (
         check_options(bits, group_size, sym, act_order, **options)
-        or not_multiple("k", k, per, f"weight_packed holds {per} codes per int32", f"use a model with k % {per} == 0")
-        or (None if sym else not_multiple("n", n, per, f"weight_zero_point packs {per} zeros per int32 along n",
-                                          "use --sym true"))
+        or not_multiple("k", k, per, f"weight_packed holds {per} codes per int32")
+        or (None if sym else not_multiple("n", n, per, f"weight_zero_point packs {per} zeros per int32 along n"))
         or group_size_reason(k, group_size)
     )
 

@@ -82,11 +82,11 @@ def check_options(
 ) -> str | None:
     """Config-level reason why GPTQ cannot store these options, or ``None``."""
     if bits not in SUPPORTED_BITS:
-        return f"bits={bits} is not supported by the gptq writer; use --bits 4 or 8"
+        return f"bits={bits} is not supported by the gptq writer (4 or 8)"
     if version is not None and version not in _FORMAT_NAMES:
         return f"gptq version={version!r} is not 1 or 2; use --gptq-version 1 or 2"
     if group_size != -1 and group_size <= 0:
-        return f"group_size={group_size} is invalid; use a positive group size or -1"
+        return f"group_size={group_size} is invalid (a positive group size or -1)"
     return None
 
 
@@ -97,8 +97,8 @@ def check_layer(
     per = per_word(bits) if bits in SUPPORTED_BITS else 1
     return (
         check_options(bits, group_size, sym, act_order, **options)
-        or not_multiple("k", k, per, f"qweight packs {per} codes per int32 along k", f"use a model with k % {per} == 0")
-        or not_multiple("n", n, per, f"qzeros packs {per} zeros per int32 along n", f"use a model with n % {per} == 0")
+        or not_multiple("k", k, per, f"qweight packs {per} codes per int32 along k")
+        or not_multiple("n", n, per, f"qzeros packs {per} zeros per int32 along n")
         or group_size_reason(k, group_size)
     )
 

@@ -97,20 +97,13 @@ def scale_perm_single() -> torch.Tensor:
 def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> str | None:
     """Config-level reason why Marlin cannot store these options, or ``None``."""
     if bits != 4:
-        return (
-            f"bits={bits}: the Marlin writer is 4-bit only; "
-            "use --format gptq (vLLM repacks it to Marlin at load time)"
-        )
+        return f"bits={bits}: the Marlin writer is 4-bit only (vLLM repacks 8-bit GPTQ to Marlin at load time)"
     if group_size not in KERNEL_GROUP_SIZES:
-        return (
-            f"group_size={group_size} is not one the Marlin kernels accept {KERNEL_GROUP_SIZES}; "
-            "use --group-size 128"
-        )
+        return f"group_size={group_size} is not one the Marlin kernels accept {KERNEL_GROUP_SIZES}"
     if sym and not act_order and group_size not in LEGACY_GROUP_SIZES:
         return (
-            f"group_size={group_size}: vLLM's serialized-Marlin loader accepts only "
-            f"{LEGACY_GROUP_SIZES}; use --group-size 128, or --format gptq (vLLM repacks it "
-            "to gptq_marlin)"
+            f"group_size={group_size}: symmetric weights without act-order are vLLM's serialized-Marlin "
+            f"checkpoint, whose loader accepts only group sizes {LEGACY_GROUP_SIZES}"
         )
     return None
 
@@ -123,7 +116,7 @@ def check_layer(
     return (
         check_options(bits, group_size, sym, act_order, **options)
         or _layout_reason(n, k, bits, group_size)
-        or not_multiple("k", k, 128, "the Marlin kernel limit", "use --format gptq or a model with k % 128 == 0")
+        or not_multiple("k", k, 128, "the Marlin kernel limit")
     )
 
 
@@ -131,10 +124,10 @@ def _layout_reason(n: int, k: int, bits: int, group_size: int) -> str | None:
     """What the tensors themselves need (bits 4, ``k % 16``, ``n % 64``, whole groups);
     the kernels' and loaders' stricter limits live in :func:`check_layer`."""
     if bits != 4:
-        return f"bits={bits}: the Marlin writer is 4-bit only; use --format gptq"
+        return f"bits={bits}: the Marlin writer is 4-bit only"
     return (
-        not_multiple("k", k, 16, "Marlin 16x16 tiles", "use --format gptq")
-        or not_multiple("n", n, 64, "Marlin 16x64 tiles", "use --format gptq")
+        not_multiple("k", k, 16, "Marlin 16x16 tiles")
+        or not_multiple("n", n, 64, "Marlin 16x64 tiles")
         or group_size_reason(k, group_size)
     )
 
