@@ -69,7 +69,7 @@ def test_nan_or_inf_weights(capsys, tmp_path, model_copy, value):
     (["--format", "exl2"], "unknown format"),
     (["--method", "rtn", "--static-groups"], "--static-groups"),
     (["--format", "awq", "--sym"], "--format awq"),
-    (["--format", "awq", "--method", "gptq", "--asym", "--act-order"], "--format awq"),
+    (["--format", "awq", "--method", "gptq", "--asym", "--act-order", "--dynamic-groups"], "--format awq"),
     (["--format", "marlin", "--bits", "8"], "--format marlin"),
     (["--damp", "0"], "--damp"),
     (["--nsamples", "0"], "--nsamples"),

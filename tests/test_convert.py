@@ -35,7 +35,7 @@ VARIANTS = {
                       ["gptq-v2", "awq", "marlin", "compressed-tensors", "gptq-v1"]),
     "sym-g64-act-order": ("llama", {"method": "gptq", "group_size": 64, "sym": True, "act_order": True,
                                    "nsamples": 4, "seqlen": 32},
-                          ["gptq-v1", "marlin", "compressed-tensors", "gptq-v2"]),
+                          ["gptq-v1", "marlin", "gptq-v2"]),  # compressed-tensors >= 0.20: no dynamic act-order
     "sym8-channel": ("llama", {"method": "rtn", "bits": 8, "group_size": -1, "sym": True},
                      ["gptq-v1", "compressed-tensors", "gptq-v2"]),
 }
@@ -187,6 +187,10 @@ def test_cli_convert_and_reconvert(capsys, tmp_path, odd_checkpoint):
     assert exists.code == 1 and "already exists" in exists.err
     assert run_cli(capsys, "convert", tmp_path / "ct", "--to", "gptq", "-o", tmp_path / "g", "--force").code == 0
     same = run_cli(capsys, "convert", tmp_path / "ct", "--to", "gptq", "-o", tmp_path / "ct", "--force")
-    assert same.code == 1 and "is the source checkpoint" in same.err
+    assert same.code == 1 and "the source model" in same.err
+    # an output that contains the source would delete it with --force: refused, source intact
+    around = run_cli(capsys, "convert", tmp_path / "ct", "--to", "gptq", "-o", tmp_path, "--force")
+    assert around.code == 1 and "contains the source model" in around.err, around.err
+    assert digests(tmp_path / "ct")
     missing = run_cli(capsys, "convert", tmp_path / "nope", "--to", "gptq", "-o", tmp_path / "x")
     assert missing.code == 1 and "not a checkpoint folder" in missing.err

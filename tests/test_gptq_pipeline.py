@@ -99,8 +99,8 @@ def test_gptq_into_every_format(capsys, tmp_path, mini_llama, calib_txt, fmt, ex
 
 
 def test_incompatible_format_option_rejected_before_calibration(capsys, tmp_path, mini_llama, calib_txt):
-    res = run_cli(capsys, "quantize", mini_llama, "--method", "gptq", "--format", "awq", "--act-order", "--asym",
-                  "--calib", tmp_path / "does-not-exist.txt", "-o", tmp_path / "out")
+    res = run_cli(capsys, "quantize", mini_llama, "--method", "gptq", "--format", "awq", "--act-order",
+                  "--dynamic-groups", "--asym", "--calib", tmp_path / "does-not-exist.txt", "-o", tmp_path / "out")
     # the format check fires before the calibration file is even looked at
     assert res.code == 1 and "--format awq" in res.err
     assert not (tmp_path / "out").exists()

@@ -4,10 +4,13 @@ pack from the float weight), its decompressor, and its config parser."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from pack_helpers import make_qw
 
+from qtool.errors import UnsupportedError
 from qtool.pack import compressed_tensors as ct
 
 ctq = pytest.importorskip(
@@ -78,13 +81,35 @@ def test_compressor_agrees_both_ways(bits, g, sym):
     assert torch.equal(restored["weight"], qw.dequantize(torch.float16))
 
 
+@pytest.mark.parametrize("actorder", [None, "weight"])
 @pytest.mark.parametrize("bits,g,sym", CASES)
-def test_config_parses(bits, g, sym):
-    cfg = ct.quantization_config(bits, g, sym, act_order=False)
+def test_config_parses(bits, g, sym, actorder):
+    cfg = ct.quantization_config(bits, g, sym, act_order=False, actorder=actorder)
     parsed = ctq.QuantizationConfig.model_validate(cfg)
     assert parsed.format == "pack-quantized"
     weights = parsed.config_groups["group_0"].weights
     assert (weights.num_bits, weights.symmetric) == (bits, sym)
     assert weights.strategy == ("channel" if g == -1 else "group")
     assert weights.group_size == (None if g == -1 else g)
+    assert weights.actorder == actorder
     assert parsed.ignore == ["lm_head"]
+
+
+def test_dynamic_act_order_is_refused_not_written():
+    """compressed-tensors' parser rejects the config dynamic act-order needs (``actorder
+    "group"``), so qtool refuses such options and layers instead of writing them."""
+    cfg = ct.quantization_config(4, 64, True, act_order=False)
+    cfg["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    with pytest.raises(ValueError, match="removed"):
+        ctq.QuantizationConfig.model_validate(cfg)
+    assert "dynamic act-order" in ct.check_options(4, 64, True, act_order=True)
+    assert ct.check_options(4, -1, True, act_order=True) is None  # one group: no g_idx
+    with pytest.raises(UnsupportedError, match="dynamic act-order"):
+        ct.quantization_config(4, 64, True, act_order=True)
+    with pytest.raises(UnsupportedError, match="dynamic act-order"):
+        ct.pack(make_qw(128, 256, group_size=64, sym=True, act_order=True, seed=23))
+    contiguous = make_qw(128, 256, group_size=64, sym=True, seed=23)
+    packed = ct.pack(replace(contiguous, g_idx=(torch.arange(256) // 64).to(torch.int32)))  # trivial g_idx
+    plain = ct.pack(contiguous)
+    assert sorted(packed) == sorted(plain) and "weight_g_idx" not in packed
+    assert all(torch.equal(packed[key], plain[key]) for key in plain)

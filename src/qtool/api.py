@@ -75,6 +75,10 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
     in_features = {n: k for n, (_, k) in shapes.items()}
     # group size resolved, every option and layer shape checked; a refusal names only fixes that work here
     config = resolve_awq_search_tokens(check_plan(config, shapes), in_features)
+    if spec.moe is not None:
+        from qtool.models.moe import check_method
+
+        check_method(spec, config.method)
     prove_layout(model, spec, config.method)
     return spec, config, shapes
 

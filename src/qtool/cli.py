@@ -126,9 +126,11 @@ Formats and what they accept:
   compressed-tensors
              pack-quantized, as llm-compressor writes (vLLM's choice).
 
-GPTQ --act-order without --static-groups writes a non-monotone g_idx; kernels
-that need a monotone g_idx (exllama v1, some Marlin builds) want
---static-groups.
+GPTQ act-order (on by default) has two kinds: --dynamic-groups forms groups in
+act-order (a non-monotone g_idx), --static-groups fixes them first (no g_idx;
+compressed-tensors' actorder "weight"). Default: dynamic for gptq and marlin,
+static for awq and compressed-tensors, which cannot store or no longer read a
+non-monotone g_idx.
 """
 
 
@@ -149,7 +151,7 @@ def quantize(
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward chunk."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: process columns by decreasing Hessian diagonal."),
-    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fix groups before reordering (monotone g_idx)."),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups", help="GPTQ act-order kind: groups fixed before reordering (no g_idx) or formed in act-order (non-monotone g_idx); default: dynamic for gptq and marlin, static for awq and compressed-tensors."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: later linears see quantized earlier ones."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: dampening, fraction of the mean Hessian diagonal."),
     block_size: int = typer.Option(128, "--block-size", help="GPTQ: lazy-update block width."),
@@ -157,6 +159,8 @@ def quantize(
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search weight clipping."),
     awq_search_tokens: int = typer.Option(0, "--awq-search-tokens", show_default=False, help="AWQ: calibration tokens that score the scale and clip searches (whole samples).  [default: auto = max(4096, 2 x largest in_features)]"),
     save_search: Optional[str] = typer.Option(None, "--save-search", help="AWQ: also write the search results (scales, clip bounds) to this file."),
+    moe_min_tokens: int = typer.Option(32, "--moe-min-tokens", help="MoE: an expert routed fewer calibration tokens than this gets --moe-low-tokens."),
+    moe_low_tokens: str = typer.Option("all-experts", "--moe-low-tokens", help="MoE: all-experts (statistics from every calibration token run through the expert) | rtn (round-to-nearest, with a warning)."),
     load_search: Optional[str] = typer.Option(None, "--load-search", help="AWQ: apply search results from --save-search instead of searching (no calibration)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float16 | bfloat16 | float32 (load dtype)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (compute device; weights stay on CPU)."),
@@ -174,7 +178,8 @@ def quantize(
                             gptq_version=gptq_version, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                             batch_size=batch_size, act_order=act_order, static_groups=static_groups,
                             true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
-                            awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search)
+                            awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search,
+                            moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens)
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume, restart=restart)
     cfg = result["config"]

@@ -27,6 +27,15 @@ class QuantizeConfig:
     ``group_size=0`` means "auto": resolved by ``resolve_group_size`` to the largest of
     128/64/32 that divides every quantized layer's in_features. ``sym=None`` means the
     method's default (symmetric for rtn/gptq, asymmetric for awq).
+
+    GPTQ act-order has three kinds (``act_order_kind``): ``"dynamic"`` (columns by
+    decreasing Hessian diagonal, groups formed in that order: a non-monotone ``g_idx``),
+    ``"static"`` (the same column order, groups fixed beforehand: no ``g_idx``; what
+    compressed-tensors calls ``actorder "weight"``) and ``"off"``. ``static_groups=None``
+    means auto, resolved on construction from the format's ``ACT_ORDER`` (dynamic for gptq,
+    whose clients load a non-monotone ``g_idx``, and marlin; static for awq and
+    compressed-tensors, which cannot store or no longer read one); ``replace`` resolves an
+    auto value again for the new options.
     """
 
     method: str = "gptq"
@@ -43,7 +52,7 @@ class QuantizeConfig:
     batch_size: int = 8
     # GPTQ
     act_order: bool = True
-    static_groups: bool = False
+    static_groups: bool | None = None  # None = auto: the format's ACT_ORDER (see act_order_kind)
     true_sequential: bool = True
     damp: float = 0.01
     block_size: int = 128
@@ -53,9 +62,17 @@ class QuantizeConfig:
     awq_search_tokens: int = 0  # 0 = auto: see resolve_awq_search_tokens
     awq_save_search: str | None = None  # write the AWQ search results (scales, clip bounds) here
     awq_load_search: str | None = None  # apply these search results instead of searching
+    # mixture-of-experts: an expert with fewer routed calibration tokens gets moe_low_tokens
+    # ("all-experts": statistics from every token; "rtn"), see qtool.models.moe
+    moe_min_tokens: int = 32
+    moe_low_tokens: str = "all-experts"
+    # fnmatch patterns on full module names of linears to keep in float (--exclude)
+    exclude: tuple[str, ...] = ()
     version: int = field(default=CONFIG_VERSION)
+    _auto_groups: bool = field(default=False, init=False, repr=False, compare=False)  # static_groups was None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.method not in METHODS:
             raise UserInputError(f"unknown --method '{self.method}': use one of {', '.join(METHODS)}")
         if self.bits not in SUPPORTED_BITS:
@@ -84,8 +101,16 @@ class QuantizeConfig:
             raise UserInputError("--save-search/--load-search only apply to --method awq")
         if self.awq_load_search and not Path(self.awq_load_search).is_file():
             raise UserInputError(f"--load-search {self.awq_load_search} does not exist: pass a file written by --save-search")
+        if self.moe_min_tokens < 1:
+            raise UserInputError("--moe-min-tokens must be >= 1")
+        if self.moe_low_tokens not in ("all-experts", "rtn"):
+            raise UserInputError(f"unknown --moe-low-tokens '{self.moe_low_tokens}': use all-experts or rtn")
         if self.static_groups and self.method != "gptq":
             raise UserInputError("--static-groups only applies to --method gptq")
+        if self.static_groups is None:
+            object.__setattr__(self, "_auto_groups", True)
+            object.__setattr__(self, "static_groups", self.method == "gptq" and self.act_order
+                               and _format_act_order(self.format) == "static")
 
     @property
     def symmetric(self) -> bool:
@@ -100,18 +125,37 @@ class QuantizeConfig:
         return self.method == "gptq" and self.act_order and not self.static_groups and self.group_size != -1
 
     @property
+    def act_order_kind(self) -> str:
+        """``"dynamic"``, ``"static"`` or ``"off"`` (see the class docstring); ``"off"`` for
+        methods other than GPTQ."""
+        if self.method != "gptq" or not self.act_order:
+            return "off"
+        return "static" if self.static_groups else "dynamic"
+
+    @property
     def resolved_gptq_version(self) -> int:
         if self.gptq_version:
             return self.gptq_version
         return 1 if self.symmetric else 2
 
     def replace(self, **changes) -> "QuantizeConfig":
+        if self._auto_groups and "static_groups" not in changes:
+            changes = {**changes, "static_groups": None}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        del d["_auto_groups"]
         d["sym"] = self.symmetric
+        d["act_order_kind"] = self.act_order_kind
         return d
+
+
+def _format_act_order(name: str) -> str:
+    """The act-order kind format ``name`` writes by default: its module's ``ACT_ORDER``."""
+    from qtool.pack import get_format
+
+    return get_format(name).ACT_ORDER
 
 
 AWQ_MIN_SEARCH_TOKENS = 4096

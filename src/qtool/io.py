@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from qtool import __version__
 from qtool.errors import FormatError, UnsupportedError, UserInputError
+from qtool.models.moe import disk_renamer, model_names
 from qtool.pack import get_format
 from qtool.qtensor import QuantizedWeight
 from qtool.textfiles import sha256_file
@@ -113,7 +114,13 @@ def copy_side_files(source_folder: str | None, tokenizer, model, folder: Path) -
 
 
 def format_options(fmt_name: str, config) -> dict:
-    return {"version": config.resolved_gptq_version} if fmt_name == "gptq" else {}
+    """The format options a quantize config implies: the GPTQ version; compressed-tensors'
+    ``actorder "weight"`` for static act-order (llm-compressor's name for it)."""
+    if fmt_name == "gptq":
+        return {"version": config.resolved_gptq_version}
+    if fmt_name == "compressed-tensors" and config.act_order_kind == "static":
+        return {"actorder": "weight"}
+    return {}
 
 
 def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None,
@@ -127,10 +134,16 @@ def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None
     model_config.pop("_name_or_path", None)
     quant_config = get_format(config.format).quantization_config(
         config.bits, config.group_size, config.symmetric, config.uses_act_order, **options)
+    # names on disk: what the serving engines read (Mixtral's experts: block_sparse_moe.experts.{e}.w1, ...)
+    to_disk = disk_renamer(model, to_disk=True)
+    plain = {to_disk(k): v for k, v in _plain_state_dict(model, set(qweights)).items()}
+    qweights = {to_disk(name): qw for name, qw in qweights.items()}
+    if "layers" in provenance:
+        provenance = {**provenance, "layers": {to_disk(name): v for name, v in provenance["layers"].items()}}
     record = {"qtool_version": __version__, "format": config.format, "format_options": options,
               "config": config.to_dict(), **provenance}
     return write_checkpoint(
-        out, _plain_state_dict(model, set(qweights)), qweights, config.format, options, model_config, quant_config,
+        out, plain, qweights, config.format, options, model_config, quant_config,
         lambda folder: copy_side_files(source_folder, tokenizer, model, folder), record,
         force=force, max_shard_size=max_shard_size, verify_sample=verify_sample)
 
@@ -317,6 +330,7 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32)
         del config.quantization_config
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    qweights, plain = model_names(model, qweights, plain)
     state = {k: v.to(dtype) for k, v in plain.items()}
     for name, qw in qweights.items():
         state[f"{name}.weight"] = qw.dequantize(torch.float32).to(dtype)
@@ -373,6 +387,7 @@ def load_packed_model(folder: str | Path, dtype: torch.dtype = torch.float32, ke
         del config.quantization_config
     with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    qweights, plain = model_names(model, qweights, plain)
     layout, layers = kernel_layers(qweights, fmt_name)
     for name, (tensors, meta) in layers.items():
         extra = {"bits": meta["bits"], "version": meta["version"]} if layout == "gptq" else {}

@@ -12,6 +12,7 @@ re-running path (same tensors, same order of operations).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -21,7 +22,11 @@ import torch.nn as nn
 from qtool.gptq.hessian import HessianAccumulator
 from qtool.gptq.solver import gptq_quantize
 from qtool.layer_error import layer_errors
+from qtool.models.moe import expert_of, gptq_stages
 from qtool.pipeline import BlockContext, LayerResult, _StopForward
+from qtool.rtn import rtn_quantize
+
+log = logging.getLogger(__name__)
 
 
 class _Replay(nn.Module):
@@ -56,24 +61,79 @@ class GPTQMethod:
         if ctx.config.true_sequential and spec.attention and spec.mlp and len(spec.sequential) == 4:
             self._replayed_stages(ctx)
         else:
-            stages = spec.sequential if ctx.config.true_sequential else (spec.linears,)
+            self.expert_tokens: dict[int, int] = {}
+            stages = gptq_stages(spec) if ctx.config.true_sequential else (spec.linears,)
             for stage in stages:
-                hessians = self._hessians(ctx, [g[0] for g in spec.sequential if g[0] in stage])
+                hessians, low = self._stage_hessians(ctx, [g[0] for g in spec.sequential if g[0] in stage])
                 for group in spec.sequential:
-                    if group[0] in hessians:
+                    if group[0] not in hessians:
+                        continue
+                    expert = expert_of(spec, group[0])
+                    if expert is None:
                         self._solve(ctx, group, hessians[group[0]])
+                        continue
+                    info = {"expert_tokens": self.expert_tokens[expert[0]],
+                            "expert_policy": ctx.config.moe_low_tokens if group[0] in low else "calibrated"}
+                    if info["expert_policy"] == "rtn":
+                        self._round(ctx, group, info)
+                    else:
+                        self._solve(ctx, group, hessians[group[0]], info)
         return self.out
 
     # -- pieces -------------------------------------------------------------------------
 
-    def _hessians(self, ctx: BlockContext, sources: list[str]) -> dict[str, torch.Tensor]:
+    def _hessians(self, ctx: BlockContext, sources: list[str], counts: dict | None = None) -> dict[str, torch.Tensor]:
         """Hessians of the inputs of ``sources``; linears of one execution group (q/k/v,
-        gate/up) read the same input, so one Hessian serves the whole group."""
+        gate/up) read the same input, so one Hessian serves the whole group. ``counts``
+        receives each source's number of input rows (tokens)."""
         accs = {s: HessianAccumulator(ctx.linear(s).in_features, ctx.full_name(s), device=ctx.device) for s in sources}
         ctx.collect_inputs({s: accs[s].add for s in sources})
+        if counts is not None:
+            counts.update({s: acc.nsamples for s, acc in accs.items()})
         return {s: acc.hessian for s, acc in accs.items()}
 
-    def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessian: torch.Tensor) -> None:
+    def _stage_hessians(self, ctx: BlockContext, sources: list[str]) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """Hessians of ``sources`` and the routed-expert sources under ``--moe-min-tokens``.
+
+        A routed expert's Hessian comes from the tokens the router sent it; its count is
+        recorded (``expert_tokens``) on the first stage that sees it. Under the threshold,
+        the ``all-experts`` policy collects that expert's inputs again with every
+        calibration token run through it (``PerExpertLinears.observe_all``: statistics
+        only, the block's output still follows the router); ``rtn`` leaves it to ``_round``.
+        """
+        spec, cfg = ctx.spec, ctx.config
+        hessians = self._hessians(ctx, sources, counts := {})
+        for source in sources:
+            expert = expert_of(spec, source)
+            if expert is not None:
+                self.expert_tokens.setdefault(expert[0], counts[source])
+        low = {s for s in sources if (e := expert_of(spec, s)) is not None and self.expert_tokens[e[0]] < cfg.moe_min_tokens}
+        for source in sorted(low):
+            e = expert_of(spec, source)[0]
+            log.warning("%s: expert %d got %d calibration tokens (< --moe-min-tokens %d): %s", ctx.full_name(source),
+                        e, self.expert_tokens[e], cfg.moe_min_tokens,
+                        "statistics from all tokens" if cfg.moe_low_tokens == "all-experts" else "round-to-nearest")
+        if low and cfg.moe_low_tokens == "all-experts":
+            experts = ctx.block.get_submodule(spec.moe.experts)
+            experts.observe_all = {expert_of(spec, s)[0] for s in low}
+            try:
+                hessians.update(self._hessians(ctx, sorted(low)))
+            finally:
+                experts.observe_all = set()
+        return hessians, low
+
+    def _round(self, ctx: BlockContext, group: tuple[str, ...], info: dict) -> None:
+        """Round-to-nearest for linears without usable calibration statistics."""
+        cfg = ctx.config
+        for name in group:
+            lin = ctx.linear(name)
+            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric, None if lin.bias is None else
+                              lin.bias.detach().to("cpu"))
+            errors = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device))
+            ctx.write_back(name, qw)
+            self.out[name] = LayerResult(qw, {**errors, **info})
+
+    def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessian: torch.Tensor, info: dict | None = None) -> None:
         cfg = ctx.config
         for name in group:
             lin = ctx.linear(name)
@@ -86,7 +146,7 @@ class GPTQMethod:
                 qw = replace(qw, bias=lin.bias.detach().to("cpu").clone())
             errors = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device), hessian)  # before write-back
             ctx.write_back(name, qw)
-            self.out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used, **errors,
+            self.out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used, **errors, **(info or {}),
                                               "seconds": round(time.perf_counter() - t0, 3)})
 
     def _replayed_stages(self, ctx: BlockContext) -> None:

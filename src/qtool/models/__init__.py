@@ -18,12 +18,14 @@ import torch.nn as nn
 
 from qtool.errors import UnsupportedError
 from qtool.models import gemma, gemma2, gemma3, llama, mistral, olmo2, qwen2, qwen3
+from qtool.models import mixtral, olmoe, qwen2_moe, qwen3_moe  # mixture-of-experts
 from qtool.models.base import ArchSpec, Producer, ScaleGroup
 
 log = logging.getLogger(__name__)
 
 FAMILIES: tuple[ArchSpec, ...] = (
     llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC, gemma2.SPEC, gemma3.SPEC, olmo2.SPEC,
+    mixtral.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC,
 )
 
 __all__ = ["ArchSpec", "Producer", "ScaleGroup", "FAMILIES", "spec_for", "get_blocks", "is_registered",
@@ -35,8 +37,9 @@ def supported_model_types() -> list[str]:
 
 
 def is_registered(spec: ArchSpec) -> bool:
-    """Whether ``spec`` comes from a family file (not the generic Llama-like fallback)."""
-    return spec in FAMILIES
+    """Whether ``spec`` comes from a family file (not the generic Llama-like fallback);
+    an MoE family's spec with its experts listed (``spec_for``) counts as its file's."""
+    return any(spec.name == family.name for family in FAMILIES)
 
 
 def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
@@ -62,10 +65,16 @@ def _has_layout(model: nn.Module, spec: ArchSpec) -> bool:
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
-    """The ``ArchSpec`` of ``model`` (a transformers ``PreTrainedModel``)."""
+    """The ``ArchSpec`` of ``model`` (a transformers ``PreTrainedModel``). For an MoE
+    family the fused experts of ``model`` are first unfused in place into per-expert
+    linears (same function, ``qtool.models.moe``) and the returned spec lists them."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for spec in FAMILIES:
         if model_type in spec.model_types:
+            if spec.moe is not None:
+                from qtool.models.moe import prepare_experts
+
+                spec = prepare_experts(model, spec)
             if not _has_layout(model, spec):
                 raise UnsupportedError(
                     f"model_type '{model_type}' does not have the module layout qtool's "

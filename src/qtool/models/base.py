@@ -16,6 +16,8 @@ from enum import Enum
 
 from torch import nn
 
+from qtool.models.moe import MoESpec
+
 
 class Producer(str, Enum):
     """What produces the input of a scaling group, i.e. how it absorbs ``1 / s``.
@@ -91,6 +93,9 @@ class ArchSpec:
             own output error shows (the paper's choice).
         float_linears: ``nn.Linear`` modules of a block deliberately kept in float (e.g.
             a router); any other linear that ``sequential`` does not list is refused.
+        moe: the routed experts of a mixture-of-experts family (``qtool.models.moe``):
+            ``spec_for`` unfuses them into per-expert linears and lists those in
+            ``sequential``; None for dense families.
     """
 
     name: str
@@ -102,6 +107,7 @@ class ArchSpec:
     mlp: str | None = None
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     float_linears: tuple[str, ...] = ()
+    moe: MoESpec | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 float32 copy, on a short deterministic token sequence, with the arguments the model's
 own forward gives that block) and the family file must describe what it does:
 
-- every linear of ``sequential`` runs exactly once and no other ``nn.Linear`` is in the
+- every linear of ``sequential`` runs exactly once (a routed expert's at most once: the
+  router may send it none of the probe tokens) and no other ``nn.Linear`` is in the
   block (except ``float_linears``): nothing is quantized twice or left in float silently;
 - linears of one ``sequential`` tuple read the same input and the tuples run in order
   (what GPTQ's true-sequential stages and the hooks that stop a pass early rely on);
@@ -29,6 +30,7 @@ from torch import nn
 from qtool.errors import UnsupportedError
 from qtool.models import get_blocks, is_registered, supported_model_types
 from qtool.models.base import ArchSpec
+from qtool.models.moe import expert_of
 
 PROBE_TOKENS = 16
 PROBE_SEED = 0
@@ -135,17 +137,22 @@ def check_execution(spec: ArchSpec, probe: BlockProbe) -> None:
     extra = sorted(present - set(spec.linears) - set(spec.float_linears))
     if extra:
         raise layout_error(spec, f"{where} has linears the layout does not list: {', '.join(extra)}")
+    fused = sorted(name for name, p in probe.block.named_parameters() if p.dim() > 2)
+    if fused:  # stacked expert weights no linear hook would see: never leave them in float silently
+        raise layout_error(spec, f"{where} has fused expert weights qtool would not quantize: {', '.join(fused)}")
     for name in spec.linears:
         count = probe.calls.count(name)
-        if count != 1:
+        # a routed expert runs once, or not at all when the router sends it no probe token
+        if count != 1 and not (count == 0 and expert_of(spec, name) is not None):
             raise layout_error(spec, f"{where}.{name} runs {count} times in one forward, not once")
-    first = {name: probe.calls.index(name) for name in spec.linears}
-    last = {name: len(probe.calls) - 1 - probe.calls[::-1].index(name) for name in spec.linears}
-    for group in spec.sequential:
+    ran = [group for group in spec.sequential if all(name in probe.calls for name in group)]
+    first = {name: probe.calls.index(name) for group in ran for name in group}
+    last = {name: len(probe.calls) - 1 - probe.calls[::-1].index(name) for group in ran for name in group}
+    for group in ran:
         for name in group[1:]:
             if not torch.equal(probe.inputs[name], probe.inputs[group[0]]):
                 raise layout_error(spec, f"{where}.{name} does not read the same input as {group[0]}")
-    for earlier, later in zip(spec.sequential, spec.sequential[1:]):
+    for earlier, later in zip(ran, ran[1:]):
         if max(last[n] for n in earlier) > min(first[n] for n in later):
             raise layout_error(spec, f"in {where}, {'/'.join(later)} runs before {'/'.join(earlier)}")
     for module in (spec.attention, spec.mlp):

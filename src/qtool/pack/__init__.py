@@ -1,8 +1,9 @@
 """Checkpoint formats: canonical ``QuantizedWeight`` <-> on-disk tensors of one linear.
 
-Every format module exposes the same small API: ``NAME``, ``TENSOR_SUFFIXES``, ``layer_shape``,
-``check_options``, ``check_layer``, ``pack``, ``unpack``, ``quantization_config`` and
-``options_from_config``. Converting format A to format B is ``A.unpack`` then ``B.pack``.
+Every format module exposes the same small API: ``NAME``, ``TENSOR_SUFFIXES``, ``ACT_ORDER``
+(the GPTQ act-order kind written by default, ``"dynamic"`` or ``"static"``: what the
+format's clients load), ``layer_shape``, ``check_options``, ``check_layer``, ``pack``,
+``unpack``, ``quantization_config`` and ``options_from_config``. Converting format A to format B is ``A.unpack`` then ``B.pack``.
 Adding a format is one new module plus one line in ``FORMATS``.
 """
 

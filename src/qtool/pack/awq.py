@@ -41,6 +41,8 @@ NAME = "awq"
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p holds column 8w + ORDER[p]
 _INVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8w + m sits in nibble _INVERSE_ORDER[m]
+# default act-order kind: the format has no g_idx, so GPTQ act-order keeps its groups fixed
+ACT_ORDER = "static"
 
 
 def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> str | None:

@@ -13,7 +13,8 @@ weight_zero_point  int32    [n/per, G]     only asymmetric: logical zeros packed
                                            **n** (dim 0): field i of ``[r, g]`` = zero of
                                            output ``per*r + i``, group g
 weight_shape       int64    [2]            ``[n, k]``
-weight_g_idx       int32    [k]            only act-order (``actorder: "group"``)
+weight_g_idx       int32    [k]            read only (older ``actorder: "group"``
+                                           checkpoints); never written
 bias               float16  [n]            only when the layer has a bias
 ================== ======== ============== ==============================================
 
@@ -28,22 +29,24 @@ offset by ``2**(bits-1)``. Our unsigned code ``c = q + 8`` and logical zero ``z 
 ``weight_zero_point`` fields are our zeros, and ``(c - z) * s == (q - zp) * s``.
 Symmetric layers store no zero point (implicit ``zp = 0``, i.e. ``z = 8``).
 
-Act-order: a non-contiguous ``g_idx`` is written as ``weight_g_idx`` with
-``actorder: "group"``, which vLLM and compressed-tensors releases before its removal
-read. compressed-tensors 0.20.0 rejects ``actorder: "group"`` when parsing the config
-("removed ... 2026/08/27"), so such a checkpoint only loads with older releases; for
-act-order models the gptq format is the portable choice (logged as a warning).
+Act-order: compressed-tensors 0.20 removed dynamic act-order (``actorder: "group"`` with a
+non-monotone ``weight_g_idx``): its config parser raises on it, its decompressor has no
+``g_idx`` and vLLM's WNA16 scheme parses the config with that same class. Only static
+act-order remains (``actorder: "weight"``: columns solved in act-order, groups fixed
+beforehand, no ``g_idx``), so GPTQ writes this format with static groups by default
+(``ACT_ORDER``) and a layer with a non-contiguous ``g_idx`` is refused before any work
+(:func:`check_options`), never written. ``actorder: "weight"`` is recorded when the
+``actorder`` option says so (``qtool quantize`` passes it for static act-order).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from qtool.errors import FormatError, UnsupportedError
 from qtool.pack._bits import (
     bias_tensors,
+    canonical_g_idx,
     expect_shape,
     fp16_scales,
     group_count,
@@ -56,8 +59,6 @@ from qtool.pack._bits import (
 )
 from qtool.qtensor import QuantizedWeight
 
-logger = logging.getLogger(__name__)
-
 NAME = "compressed-tensors"
 TENSOR_SUFFIXES = (
     "weight_packed",
@@ -67,6 +68,10 @@ TENSOR_SUFFIXES = (
     "weight_g_idx",
 )
 SUPPORTED_BITS = (4, 8)
+# default act-order kind: compressed-tensors >= 0.20 (and vLLM through it) accepts only
+# static act-order, actorder "weight"
+ACT_ORDER = "static"
+ACTORDERS = (None, "weight")  # the ``actorder`` values this writer records
 
 
 def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> str | None:
@@ -75,6 +80,11 @@ def check_options(bits: int, group_size: int, sym: bool, act_order: bool, **opti
         return f"bits={bits} is not supported by the compressed-tensors writer (4 or 8)"
     if group_size != -1 and group_size <= 0:
         return f"group_size={group_size} is invalid (a positive group size or -1, per channel)"
+    if act_order and group_size != -1:
+        return ("dynamic act-order (a non-monotone g_idx, actorder 'group'): compressed-tensors 0.20 removed it "
+                "and refuses such a config; it reads static act-order (actorder 'weight') only")
+    if options.get("actorder") not in ACTORDERS:
+        return f"actorder={options.get('actorder')!r} is not one of {ACTORDERS}"
     return None
 
 
@@ -98,7 +108,7 @@ def pack(qw: QuantizedWeight, **options) -> dict[str, torch.Tensor]:
         UnsupportedError: shape or options outside the format (see :func:`check_layer`).
     """
     n, k = qw.shape
-    reason = check_layer(n, k, qw.bits, qw.group_size, qw.sym, qw.g_idx is not None)
+    reason = check_layer(n, k, qw.bits, qw.group_size, qw.sym, canonical_g_idx(qw.g_idx, qw.group_size) is not None)
     if reason:
         raise UnsupportedError(f"compressed-tensors: {reason}")
     out = {
@@ -108,8 +118,6 @@ def pack(qw: QuantizedWeight, **options) -> dict[str, torch.Tensor]:
     }
     if not qw.sym:
         out["weight_zero_point"] = pack_words(qw.zeros.T, qw.bits).T.contiguous()  # [n/per, G]
-    if qw.g_idx is not None:
-        out["weight_g_idx"] = qw.g_idx.contiguous()
     out.update(bias_tensors(qw.bias))
     return out
 
@@ -160,16 +168,20 @@ def unpack(
     )
 
 
-def quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, **options) -> dict:
+def quantization_config(
+    bits: int, group_size: int, sym: bool, act_order: bool, actorder: str | None = None, **options
+) -> dict:
     """compressed-tensors' own ``quantization_config`` with one config group targeting
     ``Linear`` (``lm_head`` ignored), ``strategy "group"`` or ``"channel"`` (group -1),
-    status ``compressed``. ``actorder`` is ``"group"`` only for act-order with groups."""
-    act_order = bool(act_order and group_size != -1)
-    if act_order:
-        logger.warning(
-            "compressed-tensors: actorder='group' (weight_g_idx) is rejected by "
-            "compressed-tensors >= 0.20; use --format gptq for a portable act-order checkpoint"
-        )
+    status ``compressed``, ``actorder`` = the ``actorder`` option (``None`` or ``"weight"``).
+
+    Raises:
+        UnsupportedError: dynamic act-order (``act_order`` with groups), which
+            compressed-tensors >= 0.20 refuses (see :func:`check_options`).
+    """
+    reason = check_options(bits, group_size, sym, act_order, actorder=actorder)
+    if reason:
+        raise UnsupportedError(f"compressed-tensors: {reason}")
     weights = {
         "num_bits": bits,
         "type": "int",
@@ -178,7 +190,7 @@ def quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, 
         "group_size": None if group_size == -1 else group_size,
         "block_structure": None,
         "dynamic": False,
-        "actorder": "group" if act_order else None,
+        "actorder": actorder,
         "observer": "minmax",
         "observer_kwargs": {},
     }

@@ -64,6 +64,9 @@ from qtool.qtensor import QuantizedWeight
 NAME = "gptq"
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 SUPPORTED_BITS = (4, 8)
+# default act-order kind: vLLM (gptq, gptq_marlin via g_idx sorting) and GPTQModel load
+# desc_act checkpoints with a non-monotone g_idx on their fast paths
+ACT_ORDER = "dynamic"
 _FORMAT_NAMES = {1: "gptq", 2: "gptq_v2"}
 
 

@@ -64,6 +64,9 @@ KERNEL_GROUP_SIZES = (-1, 32, 64, 128)  # vLLM gptq_marlin / awq_marlin
 LEGACY_GROUP_SIZES = (-1, 128)  # vLLM legacy `marlin` method (serialized B/s checkpoints)
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # zero-point nibble order inside 8 columns
 _LEGACY_METHOD, _VARIANT_METHOD = "gptq", "qtool_marlin"
+# default act-order kind: no client reads a serialized Marlin checkpoint today (vLLM removed
+# its `marlin` loader), so quality decides: dynamic, as for gptq
+ACT_ORDER = "dynamic"
 
 
 def weight_perm() -> torch.Tensor:
