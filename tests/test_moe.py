@@ -8,7 +8,8 @@ models (4 experts, top-2 routing, 2 layers) built from their transformers config
   matching qtool's own reading, and every expert weight is quantized (E x 3 x layers);
 * AWQ is refused for MoE in one line before calibration;
 * experts the router never chooses get the selected low-token policy, reported in
-  qtool.json, never NaN; the routed token counts add up to tokens x top-k.
+  qtool.json and ``qtool inspect``, never NaN; the routed token counts add up to
+  tokens x top-k.
 """
 
 from __future__ import annotations
@@ -233,3 +234,8 @@ def test_experts_without_tokens_get_the_policy(capsys, tmp_path, moe_dirs, calib
                 rtn = rtn_quantize(fused[: fused.shape[0] // 2], 4, 32, True)
                 same = torch.equal(rtn.codes, qweights[name].codes)
                 assert same == (policy == "rtn"), name
+    shown = run_cli(capsys, "inspect", out)
+    assert shown.code == 0, shown.err
+    line = next(line for line in shown.out.splitlines() if line.startswith("experts:"))
+    assert line.startswith(f"experts: {EXPERTS * LAYERS} routed experts") and f"{policy} " in line, line
+    assert "fewest calibration tokens: 0" in line and "model.layers.0.mlp.experts.2" in line, line

@@ -69,6 +69,24 @@ def checkpoint_summary(folder: str | Path, record: dict) -> dict[str, Any]:
 WORST_SHOWN = 5
 
 
+def expert_lines(layers: dict) -> list[str]:
+    """``qtool inspect``'s lines on the routed experts of an MoE checkpoint: how many
+    experts got each low-token policy (``qtool.models.moe``) and the fewest routed
+    calibration tokens; none for dense models or runs without calibration (RTN)."""
+    experts = {name.rpartition(".")[0]: stats for name, stats in layers.items() if "expert_tokens" in stats}
+    if not experts:
+        return []
+    policies: dict[str, int] = {}
+    for stats in experts.values():
+        policies[stats["expert_policy"]] = policies.get(stats["expert_policy"], 0) + 1
+    fewest = min(experts, key=lambda n: experts[n]["expert_tokens"])
+    low = sorted((n for n, s in experts.items() if s["expert_policy"] != "calibrated"), key=natural_key)
+    return [f"experts: {len(experts)} routed experts, " + ", ".join(f"{k} {v}" for k, v in sorted(policies.items()))
+            + f"; fewest calibration tokens: {experts[fewest]['expert_tokens']} ({fewest})"
+            + (f"; low-token policy applied to {', '.join(low[:4])}" + (f" and {len(low) - 4} more" if len(low) > 4 else "")
+               if low else "")]
+
+
 def _layer_line(name: str, stats: dict, all_stats: bool) -> str:
     errors = [f"{LABELS[k].replace('relative ', '')} {stats[k]:.2f}%" for k in (OUTPUT_KEY, WEIGHT_KEY) if k in stats]
     shape = f" [{stats['shape'][0]}x{stats['shape'][1]}]" if "shape" in stats else ""
@@ -106,6 +124,7 @@ def render_inspect(checkpoint: str, info: dict, all_layers: bool = False) -> str
     cal = info.get("calibration")
     lines.append(f"calibration: {cal['source']} ({cal['nsamples']} x {cal['seqlen']} tokens, "
                  f"sha256 {cal['tokens_sha256'][:12]})" if cal else "calibration: none")
+    lines += expert_lines(layers)
     if all_layers:
         lines.append(f"layers ({len(layers)}, in layer order):")
         lines += [_layer_line(name, stats, True) for name, stats in layers.items()]

@@ -8,6 +8,11 @@ down_proj input) instead of re-running the block from its input for every stage:
 whole block then costs about one forward pass plus the Hessians, and the block's output
 for the next block comes out of the last stage for free. The result is identical to the
 re-running path (same tensors, same order of operations).
+
+Mixture-of-experts blocks (``qtool.models.moe``): every routed expert has its own Hessians,
+from the tokens the router sends it (all experts' gate/up in one pass, then all downs);
+its token count and the policy it got (``calibrated``, or ``--moe-low-tokens`` under
+``--moe-min-tokens``) are recorded with its layers' stats.
 """
 
 from __future__ import annotations
