@@ -123,9 +123,7 @@ def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, g
     if not (source / "config.json").is_file():
         raise UserInputError(f"{source} is not a checkpoint folder (no config.json): pass a quantized checkpoint folder")
     fmt = get_format(to)
-    out = check_output_path(output, force)
-    if out.resolve() == source.resolve():
-        raise UserInputError(f"output {out} is the source checkpoint: choose another -o/--output")
+    out = check_output_path(output, force, [source])
 
     progress("stage", name="read", detail=str(source))
     qweights, plain, src_fmt, params = read_quantized_layers(source)
