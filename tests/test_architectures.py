@@ -36,8 +36,21 @@ ARCHS = {
     "gemma3": ("Gemma3TextConfig", {"sliding_window": 8, "query_pre_attn_scalar": 32,
                                     "layer_types": ["sliding_attention", "full_attention"]}),
     "olmo2": ("Olmo2Config", {}),
+    "phi3": ("Phi3Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    "olmo": ("OlmoConfig", {}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),
+    "starcoder2": ("Starcoder2Config", {}),
+    "glm": ("GlmConfig", {}),
+    "glm4": ("Glm4Config", {}),
+    "cohere": ("CohereConfig", {}),
 }
 GEMMAS = ("gemma", "gemma2", "gemma3")
+# family -> the family file that covers it, where its name differs
+SPEC_NAME = {"glm4": "glm"}
+# AWQ groups per block where a family has fewer than the Llama-like four
+AWQ_GROUPS = {"olmo2": 2, "olmo": 2, "cohere": 2, "starcoder2": 3}
 VOCAB = 49152  # the shared tokenizer's (calibration text goes through it)
 
 
@@ -84,6 +97,13 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
+def _block_linears(model) -> dict[str, int]:
+    """Full name -> weight elements of every ``nn.Linear`` in the decoder blocks (no
+    dense family here declares a float linear): what a run must quantize."""
+    return {f"model.layers.{i}.{n}": m.weight.numel() for i, block in enumerate(model.model.layers)
+            for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
 def _prove(model, spec):
     from qtool.awq.prove import prove_folds
     from qtool.models.layout import check_execution, probe_blocks
@@ -124,9 +144,9 @@ def test_every_fold_of_every_block_is_proven(family):
 
     model = mini_model(family)
     spec = spec_for(model)
-    assert spec.name == family
+    assert spec.name == SPEC_NAME.get(family, family)
     proofs = _prove(model, spec)
-    groups = {"olmo2": 2}.get(family, 4)  # OLMo2: v -> o and up -> down only
+    groups = AWQ_GROUPS.get(family, 4)  # OLMo/OLMo2/Cohere: v -> o and up -> down only
     assert len(proofs) == groups * model.config.num_hidden_layers
     assert {p.group for p in proofs} == {g.prev for g in spec.scale_groups}
     assert max(p.rel_error for p in proofs) < 1e-5
@@ -345,12 +365,15 @@ def test_transformers_loads_what_qtool_reads(capsys, tmp_path, mini_dirs, calib_
     res = run_cli(capsys, "-q", "--json", "quantize", mini_dirs[family], "-o", out, *METHOD_ARGS[method], "-g", "32",
                   "--format", "compressed-tensors", "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32")
     assert res.code == 0, res.err
-    assert res.json()["model"]["architecture"] == family
+    assert res.json()["model"]["architecture"] == SPEC_NAME.get(family, family)
     theirs = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     assert type(theirs).__name__ == {"gemma3": "Gemma3ForCausalLM"}.get(family, type(theirs).__name__)
     qweights, _, _, _ = read_quantized_layers(out)
-    assert len(qweights) == 14
+    expected = _block_linears(AutoModelForCausalLM.from_pretrained(mini_dirs[family], dtype=torch.float32))
+    assert sorted(qweights) == sorted(expected)
+    coverage = res.json()["coverage"]  # the coverage line counts exactly the block linears
+    assert (coverage["quantized"], coverage["quantized_params"]) == (len(expected), sum(expected.values()))
     for name, qw in qweights.items():
         assert torch.equal(theirs.get_submodule(name).weight, qw.dequantize(torch.float16).float()), name
     ours, _, _ = load_any(str(out))
@@ -364,3 +387,98 @@ def test_transformers_loads_what_qtool_reads(capsys, tmp_path, mini_dirs, calib_
         for name, qw in qweights.items():
             ours.get_submodule(name).weight.copy_(qw.dequantize(torch.float16).float())
     torch.testing.assert_close(got, _logits(ours, ids), rtol=1e-5, atol=1e-5)
+
+
+# --- coverage ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(ARCHS))
+def test_coverage_counts_the_block_linears(family):
+    """Before calibration: the planned weights are every linear of the decoder blocks; all
+    other parameters are kept in float with a reason, and the counts add up to the model."""
+    from qtool.coverage import plan_coverage
+    from qtool.models import spec_for
+
+    model = mini_model(family)
+    cov = plan_coverage(model, spec_for(model))
+    expected = _block_linears(model)
+    assert cov.quantized == list(expected) and cov.quantized_params == sum(expected.values())
+    params = dict(model.named_parameters())  # tied tensors once
+    assert cov.total_params == sum(p.numel() for p in params.values())
+    assert cov.weights == sum(p.dim() >= 2 for p in params.values()) == len(expected) + 1  # + the embedding (tied head)
+    assert cov.quantized_params + sum(g.params for g in cov.kept.values()) == cov.total_params
+    assert cov.kept["embeddings"].tensors == ["model.embed_tokens.weight"] and cov.tied_lm_head
+    pct = 100 * sum(expected.values()) / cov.total_params
+    assert cov.line().startswith(f"quantized {len(expected)} of {len(expected) + 1} weights ({pct:.1f}% of parameters); "
+                                 "kept in float: embeddings (1 tensor, ")
+    assert "lm_head (tied to the embeddings" in cov.line()
+
+
+def test_exclusions_and_uncovered_weights():
+    """A weight outside the family file's linears is refused (naming it and --exclude);
+    --exclude keeps it, or a block linear, in float; a pattern that matches nothing is refused."""
+    from qtool.coverage import plan_coverage
+    from qtool.errors import UserInputError
+    from qtool.models import spec_for
+
+    model = mini_model("llama")
+    spec = spec_for(model)
+    model.model.adapter = nn.Linear(64, 64)
+    with pytest.raises(UserInputError, match=r"model\.adapter\.weight: .*--exclude 'model\.adapter'"):
+        plan_coverage(model, spec)
+    cov = plan_coverage(model, spec, ("model.adapter", "*.1.mlp.down_proj"))
+    assert cov.kept["excluded"].tensors == ["model.layers.1.mlp.down_proj.weight", "model.adapter.weight"]
+    assert "model.layers.1.mlp.down_proj" not in cov.quantized and len(cov.quantized) == 13
+    assert "excluded (2 tensors" in cov.line()
+    with pytest.raises(UserInputError, match=r"--exclude \*\.gate matches no quantizable weight"):
+        plan_coverage(model, spec, ("model.adapter", "*.gate"))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_excluded_linear_stays_float(capsys, tmp_path, mini_dirs, calib_txt, method):
+    """``--exclude``: the linear is saved in float with the function the float model has
+    (GPTQ: its original weight; AWQ: scaled by the fold, the norm compensating), it is not
+    among the quantized layers, and qtool.json records the pattern and the counts."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qtool.api import load_any
+
+    out = tmp_path / "ckpt"
+    res = run_cli(capsys, "-q", "--json", "quantize", mini_dirs["phi3"], "-o", out, *METHOD_ARGS[method], "-g", "32",
+                  "--format", "compressed-tensors", "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
+                  "--exclude", "*.0.mlp.down_proj", "--exclude", "*.1.self_attn.o_proj")
+    assert res.code == 0, res.err
+    record = res.json()
+    excluded = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    assert not set(excluded) & set(record["layers"]) and len(record["layers"]) == 6
+    cov = record["coverage"]
+    assert cov["exclude"] == ["*.0.mlp.down_proj", "*.1.self_attn.o_proj"] and cov["quantized"] == 6
+    assert cov["kept_in_float"]["excluded"]["names"] == [n + ".weight" for n in excluded]
+    assert record["config"]["exclude"] == cov["exclude"]
+    saved = {}
+    for f in out.glob("*.safetensors"):
+        saved.update(load_file(f))
+    original = AutoModelForCausalLM.from_pretrained(mini_dirs["phi3"], dtype=torch.float32)
+    for name in excluded:
+        w = saved[name + ".weight"]
+        assert w.dtype == original.get_submodule(name).weight.dtype
+        if method == "gptq":
+            assert torch.equal(w, original.get_submodule(name).weight), name
+    ours, _, _ = load_any(str(out))  # AWQ: the float layer carries the fold; the model stays close to the float one
+    ids = _ids(1, 16, seed=5)
+    ref = _logits(original, ids)
+    assert (_logits(ours, ids) - ref).abs().max() < 0.5 * ref.abs().max()
+
+
+def test_readme_families_table_is_generated_from_the_registry():
+    """The README's table equals ``python -m qtool.models --markdown`` (regenerate it
+    with that command after adding a family)."""
+    from pathlib import Path
+
+    from qtool.models.table import BEGIN, END, markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, stop = readme.index(BEGIN), readme.index(END) + len(END)
+    assert readme[start:stop] == markdown_table()
+    for spec in _families():
+        assert f"| {spec.name} |" in markdown_table()

@@ -234,7 +234,9 @@ def test_inspect_summary_first_and_layers_in_natural_order(capsys, deep):
     n_linears = cfg.num_hidden_layers * 7 + 1  # q k v o gate up down per block, and lm_head
     summary = "\n".join(lines[:8])
     assert "rtn 4-bit" in lines[0]
-    assert f"coverage: {n_linears - 1} of {n_linears} linears quantized (float: lm_head)" in summary
+    # the run's coverage record: every block linear; the embedding (with the tied lm_head) stays float
+    assert f"coverage: quantized {n_linears - 1} of {n_linears} weights (" in summary
+    assert "kept in float: embeddings (1 tensor" in summary and "lm_head (tied to the embeddings" in summary
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e6
     assert f"size on disk: {size:.1f} MB" in summary
     errs = independent_weight_errors(model, ckpt)

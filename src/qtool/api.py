@@ -14,7 +14,7 @@ import torch
 
 from qtool import __version__
 from qtool.config import QuantizeConfig, resolve_awq_search_tokens
-from qtool.errors import UserInputError
+from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import check_output_path, load_quantized_model, read_qtool_json, sha256_file
 from qtool.loading import load_model, resolve, skeleton_model, source_paths
 from qtool.models import get_blocks, spec_for
@@ -112,6 +112,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     be, lie inside or contain the source model, even with ``force``. Returns the
     ``qtool.json`` record."""
     from qtool.calib import load_calibration
+    from qtool.coverage import plan_coverage
     from qtool.io import save_checkpoint
     from qtool.methods import get_method
     from qtool.pipeline import capture_inputs, quantize_model
@@ -126,6 +127,8 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     progress("stage", name="load", detail=source.display)
     hf_model, tokenizer, folder = load_model(source, dtype)
     spec, config, shapes = plan(hf_model, config)
+    coverage = plan_coverage(hf_model, spec, config.exclude)  # refuses uncovered weights before calibration
+    progress("stage", name="coverage", detail=coverage.line())
     method = get_method(config)
     t_loaded = time.perf_counter()
     calib = None
@@ -158,8 +161,13 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     with _stop_on_signals() as stop:
         results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev,
                                  progress, start_block=start, on_block_done=checkpoint_block, inputs=inputs,
-                                 should_stop=stop) if start < len(blocks) else {}
+                                 should_stop=stop, keep_float=frozenset(shapes) - set(coverage.quantized)
+                                 ) if start < len(blocks) else {}
     results = {**done, **results}
+    missing = sorted(set(coverage.quantized) - set(results))
+    if missing:
+        raise UnsupportedError(f"{len(missing)} planned weight(s) were not quantized, e.g. {missing[0]}; "
+                               "please report this model")
     t_quant = time.perf_counter()
     if config.awq_save_search:
         from qtool.awq.search_io import save_search
@@ -171,6 +179,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         "calibration": None if calib is None else calib.provenance(),
         "seed": config.seed,
         "layers": {name: {"shape": list(shapes[name]), **res.stats} for name, res in sorted(results.items())},
+        "coverage": coverage.to_json(),
         "torch_version": torch.__version__,
         "device": dev.type,
         # the only run-dependent entries of qtool.json (with per-layer "seconds")

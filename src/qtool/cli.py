@@ -167,6 +167,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work folder (same model, data and options)."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's work folder and start over."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="PATTERN", help="Keep linears in float whose full module name matches this fnmatch pattern (repeatable), e.g. '*.down_proj'."),
 ) -> None:
     from qtool.api import quantize as run_quantize
     from qtool.config import QuantizeConfig
@@ -179,13 +180,13 @@ def quantize(
                             batch_size=batch_size, act_order=act_order, static_groups=static_groups,
                             true_sequential=true_sequential, damp=damp, block_size=block_size, awq_grid=awq_grid,
                             awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search,
-                            moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens)
+                            moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens, exclude=tuple(exclude or ()))
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume, restart=restart)
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
                   f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "
-                  f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s")
+                  f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s\n{result['coverage']['line']}")
 
 
 @app.command(short_help="Repack a checkpoint in another format, exactly.")

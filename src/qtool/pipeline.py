@@ -173,6 +173,8 @@ class BlockContext:
         # a method that already computed the block's quantized outputs (one chunk each,
         # on CPU) leaves them here and the pipeline skips its own forward
         self.outputs: list[torch.Tensor] | None = None
+        # linears the user excluded (--exclude): write_back leaves them in float
+        self.keep_float: set[str] = set()
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
@@ -249,7 +251,10 @@ class BlockContext:
                 h.remove()
 
     def write_back(self, name: str, qweight: QuantizedWeight) -> None:
-        """Replace the float weight of linear ``name`` by the dequantized quantized one."""
+        """Replace the float weight of linear ``name`` by the dequantized quantized one
+        (a no-op for ``keep_float`` linears: later linears see them in float, as saved)."""
+        if name in self.keep_float:
+            return
         lin = self.linear(name)
         lin.weight.data = qweight.dequantize(torch.float32).to(lin.weight.device, lin.weight.dtype)
 
@@ -273,9 +278,12 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
                    progress: Progress = _no_progress, start_block: int = 0,
                    on_block_done: Callable[[int, nn.Module, str, dict, list | None], None] | None = None,
                    inputs: BlockInputs | None = None,
-                   should_stop: Callable[[], bool] = lambda: False) -> dict[str, LayerResult]:
+                   should_stop: Callable[[], bool] = lambda: False,
+                   keep_float: frozenset[str] = frozenset()) -> dict[str, LayerResult]:
     """Quantize every block of ``model`` in place (weights are replaced by their
     dequantized quantized values) and return the results by full module name.
+    Linears named in ``keep_float`` (full names, ``--exclude``) stay in float (with any
+    AWQ scale folded in, which keeps the function) and get no result.
 
     ``start_block``/``inputs`` resume from a saved state (``inputs`` then holds the
     inputs of block ``start_block``); ``on_block_done(i, block, prefix, results,
@@ -298,7 +306,8 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
         original_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=compute_dtype)
         ctx = BlockContext(block, i, spec, config, inputs, device, compute_dtype, prefix)
-        block_results = method.quantize_block(ctx)
+        ctx.keep_float = {n for n in spec.linears if f"{prefix}.{n}" in keep_float}
+        block_results = {n: r for n, r in method.quantize_block(ctx).items() if n not in ctx.keep_float}
         for name, res in block_results.items():
             ctx.write_back(name, res.qweight)
         if inputs is not None and i + 1 < len(blocks):

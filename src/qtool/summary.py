@@ -55,7 +55,9 @@ def checkpoint_summary(folder: str | Path, record: dict) -> dict[str, Any]:
         ``size_bytes`` (safetensors files), ``files`` (their count), ``linears_quantized``,
         ``linears_total``, ``float_linears`` (names), ``error`` (``layer_error.error_summary``:
         key, label, unit ``%``, worst, worst_layer, mean; None for checkpoints written
-        before qtool recorded relative errors).
+        before qtool recorded relative errors), ``coverage`` (the run's ``coverage``
+        record, ``qtool.coverage.Coverage.to_json``: weights and parameters quantized and
+        why the rest stayed in float; None for checkpoints written before qtool recorded it).
     """
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -63,7 +65,7 @@ def checkpoint_summary(folder: str | Path, record: dict) -> dict[str, Any]:
     left = float_linears(folder, set(layers))
     return {"size_bytes": sum(f.stat().st_size for f in files), "files": len(files),
             "linears_quantized": len(layers), "linears_total": len(layers) + len(left), "float_linears": left,
-            "error": error_summary(layers)}
+            "error": error_summary(layers), "coverage": record.get("coverage")}
 
 
 WORST_SHOWN = 5
@@ -110,8 +112,11 @@ def render_inspect(checkpoint: str, info: dict, all_layers: bool = False) -> str
     lines.append(f"size on disk: {summ['size_bytes'] / 1e6:.1f} MB in {summ['files']} safetensors file(s)")
     left = summ["float_linears"]
     shown_left = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
-    lines.append(f"coverage: {summ['linears_quantized']} of {summ['linears_total']} linears quantized"
-                 + (f" (float: {shown_left})" if left else ""))
+    if summ.get("coverage"):  # the run's own record: weights, parameters and a reason per float group
+        lines.append(f"coverage: {summ['coverage']['line']}")
+    else:
+        lines.append(f"coverage: {summ['linears_quantized']} of {summ['linears_total']} linears quantized"
+                     + (f" (float: {shown_left})" if left else ""))
     err = summ["error"]
     if err:
         lines.append(f"error: {err['label']}, worst {err['worst']:.2f}% ({err['worst_layer']}), "

@@ -19,7 +19,7 @@ from qtool.models.base import Producer
 
 
 def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.Tensor, name: str = "", *,
-                kind: Producer) -> None:
+                kind: Producer, rows: tuple[int, int] | None = None) -> None:
     """Apply ``scales`` in place.
 
     Args:
@@ -31,6 +31,9 @@ def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.T
         scales: float ``[k]``, ``k`` = ``prev``'s output channels = consumers' in_features.
         name: the group, for error messages.
         kind: what ``prev`` computes (from the family file's ``ScaleGroup.kind``).
+        rows: for a fused linear producer, the ``[start, stop)`` output rows that feed
+            the consumers (``ScaleGroup.rows``; ``stop - start = k``); only they absorb
+            ``1 / s``. None: all ``k`` outputs.
 
     Raises:
         UnsupportedError: ``prev`` is not what ``kind`` says, or a shape does not match ``k``.
@@ -38,14 +41,17 @@ def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.T
     k = scales.numel()
     s = scales.float()
     with torch.no_grad():
+        start, stop = (0, k) if rows is None else rows
         if kind is Producer.LINEAR:
-            if not isinstance(prev, nn.Linear) or prev.out_features != k:
+            outputs = prev.out_features if rows is None else stop - start
+            if not isinstance(prev, nn.Linear) or outputs != k or not 0 <= start < stop <= prev.out_features:
                 raise UnsupportedError(f"AWQ cannot fold scales into {name} ({type(prev).__name__}): it needs a linear "
                                        f"with {k} outputs; use --method gptq or rtn for this architecture")
-            _set(prev.weight, prev.weight.float() / s.to(prev.weight.device)[:, None])
+            w = prev.weight[start:stop]
+            _set(w, w.float() / s.to(w.device)[:, None])
         else:
             weight = getattr(prev, "weight", None)
-            if isinstance(prev, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.shape != (k,):
+            if isinstance(prev, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.shape != (k,) or rows:
                 raise UnsupportedError(
                     f"AWQ cannot fold scales into {name} ({type(prev).__name__}): it needs a norm with a per-channel "
                     f"weight of length {k}; use --method gptq or rtn for this architecture")
@@ -56,7 +62,8 @@ def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.T
                 _set(weight, weight.float() / sw)
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
-            _set(bias, bias.float() / s.to(bias.device))
+            b = bias[start:stop]
+            _set(b, b.float() / s.to(bias.device))
         for lin in consumers:
             if lin.in_features != k:
                 raise UnsupportedError(f"AWQ cannot fold scales of {name}: a consumer has {lin.in_features} inputs, not {k}")

@@ -130,7 +130,8 @@ class AWQMethod:
             else:
                 res = search_module_scale(ctx.block.get_submodule(group.module), linears, calls[group.module],
                                           st.mean_abs, cfg.bits, cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
-            fold_scales(ctx.block.get_submodule(group.prev), linears, res.scales, key, kind=group.kind)
+            fold_scales(ctx.block.get_submodule(group.prev), linears, res.scales, key, kind=group.kind,
+                        rows=group.rows(ctx.block))
             s = res.scales.to(st.gram.device)
             grams[src] = st.gram / (s[:, None] * s[None, :])
             self.search_results["scales"][key] = res.scales.cpu()
@@ -167,7 +168,8 @@ class AWQMethod:
             if scales is None or scales.shape != (linears[0].in_features,):
                 raise UserInputError(f"the AWQ search file has no scales of length {linears[0].in_features} for {key}: "
                                      "it was saved for another model; search again without --load-search")
-            fold_scales(ctx.block.get_submodule(group.prev), linears, scales, key, kind=group.kind)
+            fold_scales(ctx.block.get_submodule(group.prev), linears, scales, key, kind=group.kind,
+                        rows=group.rows(ctx.block))
             self.search_results["scales"][key] = scales
             alpha = loaded.get("alpha", {}).get(key)
             if alpha is not None:

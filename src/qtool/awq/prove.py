@@ -102,7 +102,7 @@ def _fold(spec: ArchSpec, probe: BlockProbe, group: ScaleGroup, scales: torch.Te
     prev = probe.block.get_submodule(group.prev)
     try:
         fold_scales(prev, [probe.block.get_submodule(n) for n in group.linears], scales,
-                    f"{probe.prefix}.{group.prev}", kind=group.kind)
+                    f"{probe.prefix}.{group.prev}", kind=group.kind, rows=group.rows(probe.block))
     except UnsupportedError:
         raise _refusal(spec, probe, group, f"'{group.prev}' ({type(prev).__name__}) is not a {group.kind.value} "
                                            f"producer of {scales.numel()} channels") from None

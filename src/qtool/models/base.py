@@ -11,6 +11,7 @@ instead of quantizing wrongly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -50,8 +51,12 @@ class ScaleGroup:
             attention or MLP that consumes the group, or the single consuming linear).
         kind: how ``prev`` absorbs the scales (``Producer``).
         requires_equal_shapes: for linear->linear groups (v -> o): only valid when the
-            producer's out_features equals the consumer's in_features (no grouped-query
-            head repetition in between).
+            producer's out_features (or its ``prev_rows``) equals the consumer's
+            in_features (no grouped-query head repetition in between).
+        prev_rows: for a fused producer (Phi-3's ``qkv_proj``, ``gate_up_proj``): a
+            function of the block giving the ``[start, stop)`` output rows that feed
+            ``linears`` (v's rows, up's rows); only those rows absorb ``1 / s``. None:
+            every output of ``prev``.
     """
 
     prev: str
@@ -59,16 +64,25 @@ class ScaleGroup:
     module: str
     kind: Producer = Producer.RMSNORM
     requires_equal_shapes: bool = False
+    prev_rows: Callable[[nn.Module], tuple[int, int]] | None = None
+
+    def rows(self, block: nn.Module) -> tuple[int, int] | None:
+        """The producer's ``[start, stop)`` output rows feeding the group in ``block``
+        (None: all of them)."""
+        return None if self.prev_rows is None else self.prev_rows(block)
 
     def applies_to(self, block: nn.Module) -> bool:
         """Whether the group exists in ``block``: linear->linear groups need the
-        producer's outputs to be the consumers' inputs one to one (no grouped-query head
-        repetition between v_proj and o_proj)."""
+        producer's outputs (its ``prev_rows``) to be the consumers' inputs one to one
+        (no grouped-query head repetition between v_proj and o_proj)."""
         if not self.requires_equal_shapes:
             return True
         prev = block.get_submodule(self.prev)
-        return isinstance(prev, nn.Linear) and all(
-            block.get_submodule(n).in_features == prev.out_features for n in self.linears)
+        if not isinstance(prev, nn.Linear):
+            return False
+        rows = self.rows(block)
+        width = prev.out_features if rows is None else rows[1] - rows[0]
+        return all(block.get_submodule(n).in_features == width for n in self.linears)
 
 
 @dataclass(frozen=True)
@@ -155,3 +169,14 @@ def pre_norm_scale_groups(kind: Producer, attention_norm: str = "input_layernorm
 
 
 LLAMA_LIKE_SCALE_GROUPS = pre_norm_scale_groups(Producer.RMSNORM)
+
+
+def _second_half(block: nn.Module) -> tuple[int, int]:
+    # ``gate_up_proj`` rows: [gate: I | up: I]; the MLP computes act(gate) * up
+    rows = block.get_submodule("mlp.gate_up_proj").out_features
+    return rows // 2, rows
+
+
+# fused gate/up (Phi-3, GLM): up's rows of ``gate_up_proj`` -> down (exact as up -> down)
+FUSED_UP_TO_DOWN = ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", Producer.LINEAR,
+                              prev_rows=_second_half)
