@@ -11,6 +11,8 @@ keeps in float, why.
   per-channel scales AWQ folds into, and the biases of linears, stored in float beside
   them), ``float_linears`` (linears the family file keeps in float, e.g. a router),
   ``excluded`` (``--exclude PATTERN``, fnmatch on full module names);
+- ``float_modules``: every parameter of a model-level module the family file keeps in
+  float as a whole (a vision-language model's vision tower and projector);
 - anything else (a weight matrix that is neither quantized nor in one of these groups,
   e.g. a linear outside the decoder blocks) is *uncovered*: the run is refused before
   calibration unless the user excludes it.
@@ -36,6 +38,7 @@ REASONS = {
     "norms": "per-channel vectors (AWQ folds its scales into them)",
     "biases": "biases of linears, stored in float beside them",
     "float_linears": "kept in float by the family file",
+    "float_modules": "vision tower and projector, kept in float by the family file",
     "excluded": "excluded by --exclude",
     "other": "other vectors and scalars of the model",
 }
@@ -116,6 +119,7 @@ def plan_coverage(model: nn.Module, spec: ArchSpec, exclude: tuple[str, ...] = (
         listed.update({f"{prefix}.{n}": "quantize" for n in spec.linears})
         listed.update({f"{prefix}.{n}": "float_linears" for n in spec.float_linears})
     modules = dict(model.named_modules())
+    float_modules = getattr(spec, "float_modules", ())  # model-level modules kept whole (a VLM's vision tower)
     used = {p: False for p in exclude}
 
     def excluded(name: str) -> bool:
@@ -145,6 +149,8 @@ def plan_coverage(model: nn.Module, spec: ArchSpec, exclude: tuple[str, ...] = (
             key = "biases"
         elif role == "float_linears":
             key = "float_linears"
+        elif any(pname.startswith(m + ".") for m in float_modules):
+            key = "float_modules"
         elif isinstance(module, nn.Embedding):
             key = "embeddings"
         elif module is not None and module is out_emb:
