@@ -36,13 +36,16 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> CliResult:
     return CliResult(code, captured.out, captured.err)
 
 
-RUN_DEPENDENT = ("timings_s", "resumed_from_block")
+RUN_DEPENDENT = ("timings_s", "resumed_from_block", "command")
 
 
 def file_digests(folder) -> dict[str, str]:
     """sha256 of every file of a checkpoint folder; qtool.json without its run-dependent
-    entries (timings, the block a run resumed from)."""
+    entries (timings, the block a run resumed from, the command line) and the model card
+    without its command line."""
     import hashlib
+
+    from qtool.card import CARD_FILE, without_run_dependent
 
     out = {}
     for f in sorted(folder.iterdir()):
@@ -54,5 +57,7 @@ def file_digests(folder) -> dict[str, str]:
             for stats in record["layers"].values():
                 stats.pop("seconds", None)
             data = json.dumps(record, sort_keys=True).encode()
+        if f.name == CARD_FILE:
+            data = without_run_dependent(data.decode()).encode()
         out[f.name] = hashlib.sha256(data).hexdigest()
     return out

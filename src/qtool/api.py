@@ -102,16 +102,19 @@ def prove_layout(model, spec, method: str) -> None:
 
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
              device: str = "auto", force: bool = False, resume: bool = False, restart: bool = False,
-             progress: Progress = _quiet) -> dict:
+             command: str | None = None, progress: Progress = _quiet) -> dict:
     """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
 
     Finished blocks are committed to a work folder beside the output; SIGINT/SIGTERM stop
     at the next block boundary, and after any stop (a kill included) ``resume=True``
     continues from there (byte-identical to an uninterrupted run). An existing work folder
     needs ``resume`` or ``restart`` (discard it). ``output`` (and the work folder) may not
-    be, lie inside or contain the source model, even with ``force``. Returns the
+    be, lie inside or contain the source model, even with ``force``. ``command``: the
+    command line that started the run, for the model card (default: the equivalent
+    ``qtool quantize`` line, ``card.equivalent_command``). Returns the
     ``qtool.json`` record."""
     from qtool.calib import load_calibration
+    from qtool.card import equivalent_command, source_facts
     from qtool.coverage import plan_coverage
     from qtool.io import save_checkpoint
     from qtool.methods import get_method
@@ -175,7 +178,10 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         save_search(config.awq_save_search, method.search_results)
     progress("stage", name="save", detail=str(output))
     provenance = {
-        "model": {"source": source.display, "kind": source.kind, "architecture": spec.name},
+        "model": {"source": source.display, "kind": source.kind, "architecture": spec.name,
+                  **source_facts(source.kind, source.path, folder)},
+        "command": {"line": command, "via": "cli"} if command else
+                   {"line": equivalent_command(model, output, config, dtype, device), "via": "api"},
         "calibration": None if calib is None else calib.provenance(),
         "seed": config.seed,
         "layers": {name: {"shape": list(shapes[name]), **res.stats} for name, res in sorted(results.items())},

@@ -96,6 +96,20 @@ def _run_with_progress(fn, *args, **kwargs) -> Any:
             reporter.close()
 
 
+def _command_line() -> str:
+    """The command line as typed, for the model card."""
+    import shlex
+
+    return shlex.join(["qtool", *sys.argv[1:]])
+
+
+def _files_in(folder) -> list[str]:
+    """The paths of the files of a checkpoint folder just written (all of them are new)."""
+    from pathlib import Path
+
+    return sorted(str(f) for f in Path(folder).iterdir() if f.is_file())
+
+
 SWITCH_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
 
 
@@ -182,7 +196,8 @@ def quantize(
                             awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search,
                             moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens, exclude=tuple(exclude or ()))
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
-                                resume=resume, restart=restart)
+                                resume=resume, restart=restart, command=_command_line())
+    result["files_written"] = _files_in(result["output"])
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
                   f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "
@@ -202,9 +217,10 @@ def convert(
     a conversion that would change any weight is refused before anything is written."""
     from qtool.convert import convert_checkpoint
 
-    result = _run_with_progress(convert_checkpoint, checkpoint, to, output, gptq_version=gptq_version or None, force=force)
+    result = _run_with_progress(convert_checkpoint, checkpoint, to, output, gptq_version=gptq_version or None, force=force,
+                                command=_command_line())
     source = result["converted_from"][-1]
-    _emit({"output": output, **result},
+    _emit({"output": output, **result, "files_written": _files_in(output)},
           f"wrote {output}: {source['format']} -> {result['format']}, read back and verified")
 
 
@@ -218,21 +234,31 @@ def eval_cmd(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     kernel: str = typer.Option("auto", "--kernel", help="Dequant-matmul for quantized checkpoints: auto (Triton on CUDA, torch reference on CPU) | triton | torch."),
+    write_card: bool = typer.Option(False, "--write-card", help="Add (or replace) the results in the model card (README.md) of every qtool checkpoint evaluated."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Draw per-window perplexity (and KL with --baseline) of every model to FILE.png or FILE.svg."),
+    report: Optional[str] = typer.Option(None, "--report", help="Write one self-contained HTML page (table and plots) to FILE.html."),
 ) -> None:
     """Perplexity (protocol printed with the result) and divergence from a float baseline."""
     from qtool.evaluate import evaluate, render_table
+    from qtool.publish import check_eval_outputs, write_eval_outputs
 
-    result = _run_with_progress(evaluate, models or [None], dataset=dataset, seqlen=seqlen, stride=stride,
+    models = models or [None]
+    check_eval_outputs(models, write_card=write_card, plot=plot, report=report)
+    result = _run_with_progress(evaluate, models, dataset=dataset, seqlen=seqlen, stride=stride,
                                 max_windows=max_windows, baseline=baseline, device=device, kernel=kernel)
-    _emit(result, render_table(result))
+    written = write_eval_outputs(result, models, write_card=write_card, plot=plot, report=report)
+    if written:
+        result["files_written"] = written
+    _emit(result, render_table(result) + "".join(f"\nwrote {path}" for path in written))
 
 
 @app.command(short_help="What a checkpoint holds: summary, errors, provenance.")
 def inspect(
     checkpoint: str = typer.Argument(..., help="A checkpoint folder written by qtool (or any quantized HF folder).",
                                      callback=_not_a_switch_value),
-    verify: bool = typer.Option(False, "--verify", help="Recompute the sha256 of every file against qtool.json."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute the sha256 of every file against qtool.json (all but the model card README.md, which people and eval --write-card edit)."),
     layers: bool = typer.Option(False, "--layers", help="List every layer with all its stats, in layer order (default: the 5 worst)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Draw the relative error of every layer, by block and linear, to FILE.png or FILE.svg."),
 ) -> None:
     """A summary first (method, bits, group size, format, size on disk, worst and mean
     layer error, how many linears are quantized), calibration provenance, then the
@@ -240,11 +266,19 @@ def inspect(
     from qtool.api import inspect_checkpoint
     from qtool.summary import render_inspect
 
+    if plot is not None:
+        from qtool.plots import check_plot_path
+
+        check_plot_path(plot)
     info = inspect_checkpoint(checkpoint, verify=verify)
+    if plot is not None:
+        from qtool.publish import write_layer_plot
+
+        info["files_written"] = [write_layer_plot(checkpoint, plot)]
     if info.get("qtool") is None and "method" not in info:
         _emit(info, f"{checkpoint}: not written by qtool; quantization_config = {json.dumps(info['quantization_config'])}")
         return
-    lines = [render_inspect(checkpoint, info, all_layers=layers)]
+    lines = [render_inspect(checkpoint, info, all_layers=layers)] + [f"wrote {p}" for p in info.get("files_written", [])]
     if verify:
         lines.append("files: all sha256 match" if info["verified"] else f"files: MISMATCH {info['mismatched_files']}")
     _emit(info, "\n".join(lines))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool import __version__
+from qtool.card import carried_card, read_source_card
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import (
     DEFAULT_SHARD_SIZE,
@@ -102,15 +103,17 @@ def _describe(params: dict, fmt_name: str, options: dict) -> str:
 
 
 def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, gptq_version: int | None = None,
-                       force: bool = False, max_shard_size: str = DEFAULT_SHARD_SIZE,
+                       force: bool = False, max_shard_size: str = DEFAULT_SHARD_SIZE, command: str | None = None,
                        progress: Callable[..., None] = _quiet) -> dict:
     """Convert the quantized ``checkpoint`` folder (any format qtool reads) to format ``to``
     in the new folder ``output``. Returns the new ``qtool.json`` record.
 
     The record keeps the source's provenance (model, calibration, method config, per-layer
     statistics) with ``format`` / ``format_options`` / ``config.format`` updated, and appends
-    ``{"format", "format_options", "path", "qtool_version", "files_sha256"}`` of the source to
-    the list ``converted_from``.
+    ``{"format", "format_options", "path", "qtool_version", "files_sha256"}`` of the source
+    (and ``command``, the command line that converted it, when given) to the list
+    ``converted_from``. The model card is carried and updated (``card.carried_card``): the
+    new format, its loading snippets, the same results and source card.
 
     Raises:
         UserInputError: missing or unquantized source, output = source, existing output
@@ -150,12 +153,15 @@ def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, g
     model_config.pop("quantization_config", None)
     quant_config = fmt.quantization_config(params["bits"], params["group_size"], params["sym"], act_order, **options)
     record = _record(source, src_record, src_fmt, src_options, params, to, options)
+    if command:
+        record["converted_from"][-1]["command"] = command
     progress("stage", name="write", detail=f"{to} -> {out}")
     try:
         return write_checkpoint(
             out, plain, qweights, to, options, model_config, quant_config,
             lambda folder: copy_side_files(str(source), None, None, folder), record,
-            force=force, max_shard_size=max_shard_size)
+            force=force, max_shard_size=max_shard_size,
+            card=lambda folder, rec: carried_card(folder, rec, read_source_card(source)))
     except UnsupportedError as exc:
         # data the target cannot hold (GPTQ v1 and a zero of 0), found while packing: the
         # writer packs every layer before it creates any file

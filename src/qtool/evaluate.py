@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qtool.errors import UserInputError
-from qtool.eval import load_eval_rows, protocol, protocol_dict, tokenize_rows, window_logprobs, windows, check_seqlen
+from qtool.eval import EVAL_DATASETS, load_eval_rows, protocol, protocol_dict, tokenize_rows, window_logprobs, windows, check_seqlen
 from qtool.loading import DEFAULT_MODEL_NAME
 
 BUILTIN_NAME = DEFAULT_MODEL_NAME
@@ -49,7 +49,10 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
     """Evaluate ``models`` (None = built-in default) and return the protocol and one row
     per model. ``baseline`` ('default' = built-in) adds KL and top-1 agreement.
     Quantized checkpoints run packed through the ``kernel`` dequant-matmul ('auto':
-    Triton on CUDA, the torch reference on CPU)."""
+    Triton on CUDA, the torch reference on CPU). Each row (and the baseline) also holds
+    ``window_ppl``, the perplexity of every window in order, and each row ``window_kl``,
+    the mean KL per predicted token of every window (None without a baseline); ``dataset``
+    names the dataset argument and, for a named dataset, its hub repository and config."""
     from qtool.api import load_any, resolve_device
 
     if seqlen < 2:
@@ -82,9 +85,10 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
     for e in entries + ([base] if base else []):
         check_seqlen(e["model"], seqlen)
     wins = windows(ids.shape[1], seqlen, stride or seqlen, max_windows)
-    acc = {e["name"]: {"nll": 0.0, "kl": 0.0, "agree": 0, "seconds": 0.0} for e in entries}
-    base_acc = {"nll": 0.0, "seconds": 0.0}
-    count = 0
+    acc = {e["name"]: {"nll": 0.0, "kl": 0.0, "agree": 0, "seconds": 0.0, "window_nll": [], "window_kl": []}
+           for e in entries}
+    base_acc = {"nll": 0.0, "seconds": 0.0, "window_nll": []}
+    count, window_tokens = 0, []
     progress("eval", name=f"evaluating {len(entries)} model(s)" + (" and the baseline" if base else ""),
              total=len(wins), unit="window")
     for i, (start, offset) in enumerate(wins):
@@ -92,20 +96,24 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
         if base is not None:
             t0 = time.perf_counter()
             base_logp, target = window_logprobs(base["model"], ids, start, offset, seqlen, dev)
-            base_acc["nll"] -= base_logp.gather(1, target[:, None]).sum().item()
+            base_acc["window_nll"].append(-base_logp.gather(1, target[:, None]).sum().item())
+            base_acc["nll"] += base_acc["window_nll"][-1]
             base_acc["seconds"] += time.perf_counter() - t0
         for e in entries:
             t0 = time.perf_counter()
             logp, target = window_logprobs(e["model"], ids, start, offset, seqlen, dev)
             a = acc[e["name"]]
-            a["nll"] -= logp.gather(1, target[:, None]).sum().item()
+            a["window_nll"].append(-logp.gather(1, target[:, None]).sum().item())
+            a["nll"] += a["window_nll"][-1]
             if base_logp is not None:
                 # KL(base || model) per position, summed; float64 sum for stability
-                a["kl"] += (base_logp.exp() * (base_logp - logp)).sum(dim=-1).double().sum().item()
+                a["window_kl"].append((base_logp.exp() * (base_logp - logp)).sum(dim=-1).double().sum().item())
+                a["kl"] += a["window_kl"][-1]
                 a["agree"] += int((base_logp.argmax(-1) == logp.argmax(-1)).sum().item())
             a["seconds"] += time.perf_counter() - t0
             del logp
         count += target.numel()
+        window_tokens.append(target.numel())
         progress("window", index=i, total=len(wins))
     proto = protocol(desc, split, tokenizer, seqlen, stride, len(wins), count)
     base_ppl = math.exp(base_acc["nll"] / count) if base is not None else None
@@ -120,13 +128,23 @@ def evaluate(models: list[str | None], *, dataset: str = "wikitext2", seqlen: in
             "top1_agreement": None if base is None else a["agree"] / count,
             "size_bytes": _size_on_disk(e["path"]), "seconds": round(a["seconds"], 2), "tokens": count,
             "tokens_per_s": round(count / a["seconds"], 1) if a["seconds"] else None,
+            "window_ppl": _window_ppl(a["window_nll"], window_tokens),
+            "window_kl": None if base is None else [max(0.0, kl / n) for kl, n in zip(a["window_kl"], window_tokens)],
         })
-    out = {"protocol": protocol_dict(proto), "results": results}
+    repo = EVAL_DATASETS.get(dataset)
+    out = {"protocol": protocol_dict(proto), "results": results,
+           "dataset": {"arg": str(dataset), "repo": repo[0] if repo else None, "config": repo[1] if repo else None}}
     if base is not None:
         out["baseline"] = {"model": base["name"], "ppl": base_ppl, "seconds": round(base_acc["seconds"], 2),
+                           "window_ppl": _window_ppl(base_acc["window_nll"], window_tokens),
                            "size_bytes": _size_on_disk(base["path"]),
                            "note": BUILTIN_NOTE if base["path"] is None else None}
     return out
+
+
+def _window_ppl(window_nll: list[float], window_tokens: list[int]) -> list[float]:
+    """Perplexity of each window: exp(its NLL sum / its predicted tokens)."""
+    return [math.exp(nll / n) for nll, n in zip(window_nll, window_tokens)]
 
 
 def render_table(result: dict, width: int = 80) -> str:

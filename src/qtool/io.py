@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qtool import __version__
+from qtool.card import CARD_FILE, checkpoint_card
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.models.moe import disk_renamer, model_names
 from qtool.pack import get_format
@@ -33,8 +34,9 @@ DEFAULT_SHARD_SIZE = "5GB"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # quantize_config.json (AutoGPTQ) and quant_config.json (AutoAWQ) describe a source's format,
 # which the written checkpoint replaces with its own config.json -> quantization_config
+# README.md, the source's model card, is quoted inside the checkpoint's own card (qtool.card)
 SKIP_FILES = {"config.json", QTOOL_JSON, "model.safetensors.index.json", "pytorch_model.bin.index.json", "qtool-source.json",
-              "quantize_config.json", "quant_config.json"}
+              "quantize_config.json", "quant_config.json", CARD_FILE}
 
 
 def overlap(path: str | Path, source: str | Path) -> str | None:
@@ -145,13 +147,15 @@ def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None
     return write_checkpoint(
         out, plain, qweights, config.format, options, model_config, quant_config,
         lambda folder: copy_side_files(source_folder, tokenizer, model, folder), record,
-        force=force, max_shard_size=max_shard_size, verify_sample=verify_sample)
+        force=force, max_shard_size=max_shard_size, verify_sample=verify_sample,
+        card=lambda folder, rec: checkpoint_card(folder, rec, source_folder))
 
 
 def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight],
                      fmt_name: str, options: dict, model_config: dict, quant_config: dict,
                      side_files: Callable[[Path], None], record: dict, *, force: bool = False,
-                     max_shard_size: str = DEFAULT_SHARD_SIZE, verify_sample: int = 8) -> dict:
+                     max_shard_size: str = DEFAULT_SHARD_SIZE, verify_sample: int = 8,
+                     card: Callable[[Path, dict], str] | None = None) -> dict:
     """The one writer behind ``save_checkpoint`` and ``convert_checkpoint``.
 
     Packs every layer of ``qweights`` in ``fmt_name`` (with the format ``options``) before
@@ -160,8 +164,10 @@ def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: 
     (``plain`` tensors unchanged plus the packed ones, keys sorted), ``config.json``
     (``model_config`` with ``quantization_config = quant_config``), the side files
     (``side_files(folder)`` copies them), reads every tensor back and compares it byte for
-    byte with the one written (a mismatch raises ``FormatError``), writes ``qtool.json``
-    (``record`` plus ``shards`` and ``files_sha256``) and renames the folder into place.
+    byte with the one written (a mismatch raises ``FormatError``), writes the model card
+    ``README.md`` (``card(folder, record)``, ``qtool.card``; left out of ``files_sha256``:
+    ``eval --write-card`` and people edit it), ``qtool.json`` (``record`` plus ``shards``
+    and ``files_sha256``) and renames the folder into place.
     Returns the ``qtool.json`` content.
     """
     out = check_output_path(out, force)
@@ -182,8 +188,10 @@ def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: 
         side_files(tmp)
         _verify(tmp, state, fmt, qweights, options, verify_sample, out)
         del state
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != CARD_FILE}
         record = {**record, "shards": shards, "files_sha256": files}
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card(tmp, record), encoding="utf-8")
         (tmp / QTOOL_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
