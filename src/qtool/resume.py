@@ -65,8 +65,11 @@ def model_fingerprint(folder: str | None, gguf: str | None) -> dict:
 
 
 def fingerprint(model_files: dict, calib_sha256: str | None, config: dict) -> dict:
-    return {"qtool_version": __version__, "work_layout": LAYOUT, "model_files": model_files,
-            "calibration_tokens_sha256": calib_sha256, "config": config}
+    """What a resumed run must share with the interrupted one, in its JSON form (tuples
+    become lists), so that it compares equal to the copy read back from the work folder."""
+    fp = {"qtool_version": __version__, "work_layout": LAYOUT, "model_files": model_files,
+          "calibration_tokens_sha256": calib_sha256, "config": config}
+    return json.loads(json.dumps(fp, sort_keys=True))
 
 
 def _fsync(path: Path) -> None:
