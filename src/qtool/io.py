@@ -23,6 +23,7 @@ from qtool import __version__
 from qtool.card import CARD_FILE, checkpoint_card
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.models.moe import disk_renamer, model_names
+from qtool.models import vlm
 from qtool.pack import get_format
 from qtool.qtensor import QuantizedWeight
 from qtool.textfiles import sha256_file
@@ -137,7 +138,12 @@ def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None
     quant_config = get_format(config.format).quantization_config(
         config.bits, config.group_size, config.symmetric, config.uses_act_order, **options)
     # names on disk: what the serving engines read (Mixtral's experts: block_sparse_moe.experts.{e}.w1, ...)
-    to_disk = disk_renamer(model, to_disk=True)
+    # a vision-language model: the names save_pretrained writes (model.language_model.layers -> model.layers,
+    # model.visual -> visual), and compressed-tensors told to leave the float vision tower and projector alone
+    moe_to_disk, vlm_to_disk = disk_renamer(model, to_disk=True), vlm.disk_renamer(model)
+    to_disk = lambda key: vlm_to_disk(moe_to_disk(key))  # noqa: E731
+    if config.format == "compressed-tensors" and vlm.is_vlm(model):
+        quant_config = {**quant_config, "ignore": [*quant_config["ignore"], *vlm.ignore_patterns(model)]}
     plain = {to_disk(k): v for k, v in _plain_state_dict(model, set(qweights)).items()}
     qweights = {to_disk(name): qw for name, qw in qweights.items()}
     if "layers" in provenance:
@@ -329,7 +335,7 @@ def read_quantized_layers(folder: str | Path) -> tuple[dict[str, QuantizedWeight
 def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers model whose quantized linears hold the dequantized weights of the
     checkpoint (the reference reading used on CPU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     qweights, plain, _, _ = read_quantized_layers(folder)
@@ -337,8 +343,8 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    qweights, plain = model_names(model, qweights, plain)
+    model = vlm.auto_model_class(config).from_config(config, dtype=dtype)
+    qweights, plain = vlm.model_names(model, *model_names(model, qweights, plain))
     state = {k: v.to(dtype) for k, v in plain.items()}
     for name, qw in qweights.items():
         state[f"{name}.weight"] = qw.dequantize(torch.float32).to(dtype)
@@ -384,7 +390,7 @@ def load_packed_model(folder: str | Path, dtype: torch.dtype = torch.float32, ke
     GPTQ and Marlin checkpoints keep their layout; AWQ and compressed-tensors layers are
     repacked to the GPTQ layout, as serving engines do at load time."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from qtool.kernels import PackedLinear
 
@@ -394,8 +400,8 @@ def load_packed_model(folder: str | Path, dtype: torch.dtype = torch.float32, ke
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    qweights, plain = model_names(model, qweights, plain)
+        model = vlm.auto_model_class(config).from_config(config, dtype=dtype)
+    qweights, plain = vlm.model_names(model, *model_names(model, qweights, plain))
     layout, layers = kernel_layers(qweights, fmt_name)
     for name, (tensors, meta) in layers.items():
         extra = {"bits": meta["bits"], "version": meta["version"]} if layout == "gptq" else {}

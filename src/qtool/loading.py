@@ -183,7 +183,7 @@ def skeleton_model(source: ModelSource):
     """The model's module tree on the meta device, built from its config alone (no weights
     read, only ``config.json`` downloaded for a hub id), for checks that need the layer
     shapes before loading; ``None`` when the config cannot be read (the load will say why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         if source.kind in ("default", "gguf"):
@@ -194,8 +194,10 @@ def skeleton_model(source: ModelSource):
             config = AutoConfig.from_pretrained(os.path.dirname(hf_hub_download(source.path, "config.json")))
         else:
             config = AutoConfig.from_pretrained(source.path)
+        from qtool.models.vlm import auto_model_class
+
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return auto_model_class(config).from_config(config)
     except (ValueError, KeyError, *fetch_errors()) as exc:
         log.debug("no skeleton of %s: %s", source.display, exc)
         return None
@@ -207,7 +209,7 @@ def load_model(source: ModelSource, dtype: str = "auto"):
 
     Weights are read through safetensors' mmap; transformers builds the module skeleton
     without allocating twice. ``dtype='auto'`` keeps the checkpoint's dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if dtype != "auto" and dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype} is not supported: use auto, float16, bfloat16 or float32")
@@ -218,7 +220,12 @@ def load_model(source: ModelSource, dtype: str = "auto"):
     else:
         _check_weights(Path(folder))
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+            from transformers import AutoConfig
+
+            from qtool.models.vlm import auto_model_class
+
+            # the family's class: a vision-language model loads with its vision tower
+            model = auto_model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=torch_dtype)
         except ValueError as exc:
             msg = str(exc).splitlines()[0]
             if "Unrecognized" in msg or "model type" in msg:

@@ -112,7 +112,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, ba
     blocks = get_blocks(model, spec)
     catchers = [_Catcher(i == 0, i == len(blocks) - 1) for i in range(len(blocks))]
     shadowed = [block.__dict__.get("forward") for block in blocks]
-    moved = [m for m in (model.get_input_embeddings(), getattr(model.model, "rotary_emb", None)) if m is not None]
+    moved = [m for m in (model.get_input_embeddings(), getattr(model.get_submodule(spec.blocks.rpartition(".")[0]), "rotary_emb", None)) if m is not None]
     try:
         for block, catcher in zip(blocks, catchers):
             block.forward = catcher  # an instance attribute: nn.Module.__call__ runs it instead

@@ -110,6 +110,11 @@ class ArchSpec:
         moe: the routed experts of a mixture-of-experts family (``qtool.models.moe``):
             ``spec_for`` unfuses them into per-expert linears and lists those in
             ``sequential``; None for dense families.
+        float_modules: model-level modules (full dotted paths) kept in float as a whole,
+            every parameter inside them: a vision-language model's vision tower and
+            projector (``qtool.models.vlm``); only the language blocks are quantized.
+        auto_class: the transformers auto class that loads the family
+            (``AutoModelForImageTextToText`` for vision-language models).
     """
 
     name: str
@@ -122,6 +127,8 @@ class ArchSpec:
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     float_linears: tuple[str, ...] = ()
     moe: MoESpec | None = None
+    float_modules: tuple[str, ...] = ()
+    auto_class: str = "AutoModelForCausalLM"
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -1,0 +1,173 @@
+"""Vision-language models: mini random-init Qwen2-VL, Gemma3 (image-text) and LLaVA
+(Llama text model) built from their transformers config classes, each with a one-layer
+vision tower and a two-layer language model.
+
+* only the language blocks are quantized: the coverage line counts exactly their linears
+  and reports the vision tower and projector as kept in float;
+* RTN and GPTQ (and AWQ where the family's folds prove) run end to end to
+  compressed-tensors; transformers loads the checkpoint as the same class, under the key
+  names its own ``save_pretrained`` writes, with logits on a text input matching qtool's
+  reading; the vision tower and projector are bit-equal to the source;
+* the calibration captures the real block arguments: Qwen2-VL's 3-D mrope positions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from helpers import run_cli
+
+HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
+VOCAB = 49152  # the shared tokenizer's
+LAYERS = 2
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+SPECIAL = range(VOCAB - 8, VOCAB)  # image/video/boundary token ids, at the end of the vocabulary
+
+
+def _config(family: str):
+    import transformers
+
+    img, vid, start, end = SPECIAL[0], SPECIAL[1], SPECIAL[2], SPECIAL[3]
+    if family == "qwen2_vl":
+        return transformers.Qwen2VLConfig(
+            text_config={**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+            image_token_id=img, video_token_id=vid, vision_start_token_id=start, vision_end_token_id=end,
+            tie_word_embeddings=True)
+    if family == "gemma3_vl":
+        return transformers.Gemma3Config(
+            text_config={**TEXT, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 8,
+                         "layer_types": ["sliding_attention", "full_attention"]},
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=img, boi_token_index=start, eoi_token_index=end)
+    return transformers.LlavaConfig(
+        text_config={**TEXT, "model_type": "llama"},
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        image_token_index=img, tie_word_embeddings=True)
+
+
+CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "gemma3_vl": "Gemma3ForConditionalGeneration",
+           "llava": "LlavaForConditionalGeneration"}
+VISION = {"qwen2_vl": ("model.visual",), "gemma3_vl": ("model.vision_tower", "model.multi_modal_projector"),
+          "llava": ("model.vision_tower", "model.multi_modal_projector")}
+
+
+def mini_model(family: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, CLASSES[family])(_config(family)).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and param.dim() == 1:
+                # away from the init (ones or zeros) so that folding a scale into a norm is visible
+                param.copy_(torch.randn_like(param) * 0.3 + (0.0 if family == "gemma3_vl" else 1.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory, default_model_dir) -> dict:
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("vlm")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    out = {}
+    for family in CLASSES:
+        folder = root / family
+        mini_model(family).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "test", "size": 28}))
+        out[family] = folder
+    return out
+
+
+def _ids(n: int, seqlen: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 8, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _linear_params(model, prefix: str) -> tuple[int, int]:
+    """(count, elements) of the ``nn.Linear`` weights under ``prefix``: an independent
+    count of what should be quantized."""
+    lins = [m for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+    return len(lins), sum(m.weight.numel() for m in lins)
+
+
+METHOD_ARGS = {"rtn": ["--method", "rtn", "--sym"], "gptq": ["--method", "gptq", "--sym", "--no-act-order"],
+               "awq": ["--method", "awq"]}
+
+
+def _quantize(capsys, src, out, calib, *extra):
+    return run_cli(capsys, "-q", "--json", "quantize", src, "-o", out, *extra, "-g", "32",
+                   "--format", "compressed-tensors", "--calib", calib, "--nsamples", "4", "--seqlen", "32")
+
+
+# every family with RTN; GPTQ and AWQ on Qwen2-VL (mrope positions), AWQ's (1 + w) folds on Gemma3
+RUNS = [("qwen2_vl", "rtn"), ("qwen2_vl", "gptq"), ("qwen2_vl", "awq"), ("gemma3_vl", "rtn"), ("gemma3_vl", "awq"),
+        ("llava", "rtn"), ("llava", "gptq")]
+
+
+@pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed (pip install -e '.[dev]')")
+@pytest.mark.parametrize(("family", "method"), RUNS)
+def test_transformers_loads_the_same_class(capsys, tmp_path, vlm_dirs, calib_txt, family, method):
+    import transformers
+    from safetensors import safe_open
+    from transformers import CompressedTensorsConfig
+
+    from qtool.api import load_any
+    from qtool.io import read_quantized_layers
+
+    src, out = vlm_dirs[family], tmp_path / "ckpt"
+    res = _quantize(capsys, src, out, calib_txt, *METHOD_ARGS[method])
+    assert res.code == 0, res.err
+    record = res.json()
+    assert record["model"]["architecture"] == family
+    source = mini_model(family)
+    # the names on disk are those transformers' own save_pretrained writes
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        src_keys = set(f.keys())
+    qweights, plain, _, _ = read_quantized_layers(out)
+    biases = {f"{n}.bias" for n, qw in qweights.items() if qw.bias is not None}
+    assert {f"{n}.weight" for n in qweights} | biases | set(plain) == src_keys
+    # coverage: exactly the language blocks' linears
+    blocks = "model.language_model.layers"
+    count, params = _linear_params(source, blocks)
+    cov = record["coverage"]
+    assert (cov["quantized"], cov["quantized_params"]) == (count, params) == (7 * LAYERS, cov["quantized_params"])
+    assert len(record["layers"]) == count
+    vision_params = sum(p.numel() for n, p in source.named_parameters() if n.startswith(VISION[family]))
+    assert cov["kept_in_float"]["float_modules"]["params"] == vision_params
+    assert "float_modules" in cov["line"] or "vision" in cov["line"]
+    # the vision tower and projector are bit-equal to the source's
+    with safe_open(str(out / "model.safetensors"), "pt") as got, safe_open(str(src / "model.safetensors"), "pt") as ref:
+        vision = [k for k in ref.keys() if k.startswith(("visual.", "vision_tower.", "multi_modal_projector."))]
+        assert vision
+        for k in vision:
+            assert torch.equal(got.get_tensor(k), ref.get_tensor(k)), k
+    assert (out / "preprocessor_config.json").is_file()
+    theirs = transformers.AutoModelForImageTextToText.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    assert type(theirs).__name__ == CLASSES[family]
+    ours, _, _ = load_any(str(out))
+    assert type(ours).__name__ == CLASSES[family]
+    ids = _ids(2, 24, seed=3)
+    expected = _logits(ours, ids)
+    assert torch.isfinite(expected).all()
+    got = _logits(theirs, ids)
+    diff = (got - expected).abs().max().item()
+    assert diff <= 2e-3 * max(1.0, expected.abs().max().item()), diff
+    # transformers' quantized linear holds qtool's dequantized weight (float16-rounded)
+    name = f"{blocks}.1.mlp.down_proj"
+    disk = next(k for k in qweights if k.endswith("layers.1.mlp.down_proj"))
+    ref_w = qweights[disk].dequantize(torch.float16).float()
+    assert torch.equal(theirs.get_submodule(name).weight.float(), ref_w)
