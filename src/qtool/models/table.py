@@ -44,5 +44,5 @@ def markdown_table() -> str:
     for spec in FAMILIES:
         rows.append([spec.name, ", ".join(f"`{t}`" for t in spec.model_types),
                      *("✓" for m in METHODS if m != "awq"), awq_cell(spec), *("✓" for _ in formats),
-                     ", ".join(f"`{n}`" for n in spec.float_linears) or "—"])
+                     ", ".join(f"`{n}`" for n in (*spec.float_linears, *spec.float_modules)) or "—"])
     return "\n".join([BEGIN, *("| " + " | ".join(r) + " |" for r in rows), END])
