@@ -171,3 +171,68 @@ def test_transformers_loads_the_same_class(capsys, tmp_path, vlm_dirs, calib_txt
     disk = next(k for k in qweights if k.endswith("layers.1.mlp.down_proj"))
     ref_w = qweights[disk].dequantize(torch.float16).float()
     assert torch.equal(theirs.get_submodule(name).weight.float(), ref_w)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3_vl"])
+def test_every_language_block_gets_the_inputs_of_the_real_forward(family):
+    """Text-only calibration runs the whole model: each language block's captured hidden
+    states and keyword arguments (Qwen2-VL's rotary tables from its mrope positions,
+    Gemma3's local/global masks) equal those a hooked forward of the model passes it."""
+    from test_architectures import _assert_same, _Recorder
+
+    from qtool.config import QuantizeConfig
+    from qtool.models import get_blocks, spec_for
+    from qtool.pipeline import quantize_model
+
+    model = mini_model(family)
+    spec = spec_for(model)
+    assert spec.blocks == "model.language_model.layers"
+    ids = _ids(4, 16)
+    real: dict[int, list] = {}
+
+    def hook(i):
+        def pre(module, args, kwargs):
+            hidden = kwargs.pop("hidden_states") if not args else args[0]
+            real.setdefault(i, []).append((hidden.clone(), dict(kwargs)))
+
+        return pre
+
+    blocks = get_blocks(model, spec)
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        for start in range(0, 4, 2):
+            _logits(model, ids[start:start + 2])
+    finally:
+        for h in handles:
+            h.remove()
+    recorder = _Recorder()
+    quantize_model(model, spec, recorder, QuantizeConfig(method="rtn", group_size=32, batch_size=2), ids,
+                   torch.device("cpu"))
+    assert len(recorder.seen) == len(blocks) == LAYERS
+    for i, (hidden, kwargs) in enumerate(recorder.seen):
+        assert len(hidden) == len(real[i]) == 2
+        for c, (h, kw) in enumerate(zip(hidden, kwargs)):
+            torch.testing.assert_close(h, real[i][c][0], rtol=1e-6, atol=1e-6)
+            _assert_same(kw, real[i][c][1], f"block {i} chunk {c}")
+            assert "position_embeddings" in kw
+
+
+def test_every_format_reads_back_the_same_language_model(capsys, tmp_path, vlm_dirs, calib_txt):
+    """The same RTN codes written as GPTQ and as compressed-tensors read back (qtool's
+    reader, under the disk names) into the same model: identical logits, the vision tower
+    equal to the source's."""
+    from qtool.api import load_any
+
+    logits = {}
+    for fmt in ("compressed-tensors", "gptq"):
+        out = tmp_path / fmt
+        res = run_cli(capsys, "-q", "--json", "quantize", vlm_dirs["qwen2_vl"], "-o", out, "--method", "rtn", "--sym",
+                      "-g", "32", "--format", fmt)
+        assert res.code == 0, res.err
+        model, _, info = load_any(str(out))
+        assert info["quantized"] and type(model).__name__ == CLASSES["qwen2_vl"]
+        logits[fmt] = _logits(model, _ids(1, 16, seed=5))
+        ref = mini_model("qwen2_vl")
+        for name, param in ref.model.visual.named_parameters():
+            assert torch.equal(model.model.visual.get_parameter(name), param), name
+    assert torch.equal(logits["gptq"], logits["compressed-tensors"])
