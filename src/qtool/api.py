@@ -102,8 +102,14 @@ def prove_layout(model, spec, method: str) -> None:
 
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
              device: str = "auto", force: bool = False, resume: bool = False, restart: bool = False,
-             command: str | None = None, progress: Progress = _quiet) -> dict:
+             command: str | None = None, progress: Progress = _quiet, model_free: bool | None = None,
+             include: tuple[str, ...] = ()) -> dict:
     """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
+
+    RTN on a safetensors source runs model-free (``qtool.model_free``: tensor by tensor,
+    no transformers model) when that gives the same files; ``model_free`` True forces it,
+    False forbids it; ``include`` (fnmatch patterns on tensor names) picks the weights to
+    quantize model-free, for architectures without a qtool family file.
 
     Finished blocks are committed to a work folder beside the output; SIGINT/SIGTERM stop
     at the next block boundary, and after any stop (a kill included) ``resume=True``
@@ -127,6 +133,11 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     check_work_dir(output, resume, restart, source_paths(source))
     check_format_options(config, source)
     dev = resolve_device(device)
+    free = _model_free(source, output, config, dtype=dtype, force=force, resume=resume, model_free=model_free,
+                       include=tuple(include), model=model, command=command, device=device, progress=progress,
+                       t_start=t_start)
+    if isinstance(free, dict):
+        return free
     progress("stage", name="load", detail=source.display)
     hf_model, tokenizer, folder = load_model(source, dtype)
     spec, config, shapes = plan(hf_model, config)
@@ -191,12 +202,56 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         # the only run-dependent entries of qtool.json (with per-layer "seconds")
         "timings_s": {"load": round(t_loaded - t_start, 2), "quantize": round(t_quant - t_loaded, 2)},
         "resumed_from_block": start,
+        "model_free": {"used": False, "reason": free},
     }
     if hasattr(method, "finish"):
         method.finish(output)
     record = save_checkpoint(output, hf_model, tokenizer, folder, {n: r.qweight for n, r in results.items()},
                              config, provenance, force=force)
     work.remove()
+    record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    return {"output": str(output), **record}
+
+
+def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bool, resume: bool,
+                model_free: bool | None, include: tuple[str, ...], model, command, device, progress,
+                t_start: float) -> dict | str:
+    """Run model-free RTN when it applies (``qtool.model_free``) and return its record;
+    otherwise the reason the in-model path runs (for ``qtool.json``)."""
+    from qtool.loading import local_folder
+
+    if model_free is False:
+        if include:
+            raise UserInputError("--include selects weights for the model-free path: drop --no-model-free or --include")
+        return "--no-model-free"
+    why = ("--method " + config.method + " needs the model" if config.method != "rtn" else
+           "the source is a GGUF file" if source.kind == "gguf" else "--resume continues the in-model work folder"
+           if resume else None)
+    if why:
+        if model_free or include:
+            raise UserInputError(f"--model-free/--include apply to --method rtn on a safetensors model only ({why}): "
+                                 "drop them")
+        return why
+    from qtool import model_free as mf
+    from qtool.card import equivalent_command, source_facts
+    from qtool.fixes import check_plan
+
+    folder = local_folder(source)
+    try:
+        free_plan = mf.make_plan(Path(folder), config, dtype, include, explicit=bool(model_free or include))
+    except mf.NotIdentical as exc:
+        log.info("in-model RTN: model-free would not give the same files (%s)", exc)
+        return f"model-free would differ: {exc}"
+    config = check_plan(config, free_plan.shapes)
+    progress("stage", name="coverage", detail=free_plan.coverage["line"])
+    record = {
+        "model": {"source": source.display, "kind": source.kind, **source_facts(source.kind, source.path, folder)},
+        "command": {"line": command, "via": "cli"} if command else
+                   {"line": equivalent_command(model, output, config, dtype, device), "via": "api"},
+        "calibration": None, "seed": config.seed, "torch_version": torch.__version__, "device": "cpu",
+        "timings_s": {"load": round(time.perf_counter() - t_start, 2)}, "resumed_from_block": 0,
+    }
+    record = mf.run(Path(folder), Path(output), config, free_plan, record=record, force=force, progress=progress)
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     return {"output": str(output), **record}
 

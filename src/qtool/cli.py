@@ -182,6 +182,8 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work folder (same model, data and options)."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's work folder and start over."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="PATTERN", help="Keep linears in float whose full module name matches this fnmatch pattern (repeatable), e.g. '*.down_proj'."),
+    model_free: Optional[bool] = typer.Option(None, "--model-free/--no-model-free", show_default=False, help="RTN: quantize tensor by tensor from the safetensors shards without building the model (memory of one tensor).  [default: auto = when the files are the same as the in-model path's]"),
+    include: Optional[list[str]] = typer.Option(None, "--include", metavar="PATTERN", help="Model-free RTN: quantize the 2-D weights whose full tensor name matches this fnmatch pattern (repeatable), e.g. 'model.layers.*'; for architectures without a qtool family file."),
 ) -> None:
     from qtool.api import quantize as run_quantize
     from qtool.config import QuantizeConfig
@@ -196,7 +198,8 @@ def quantize(
                             awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search,
                             moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens, exclude=tuple(exclude or ()))
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
-                                resume=resume, restart=restart, command=_command_line())
+                                resume=resume, restart=restart, command=_command_line(), model_free=model_free,
+                                include=tuple(include or ()))
     result["files_written"] = _files_in(result["output"])
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "

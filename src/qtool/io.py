@@ -98,10 +98,14 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: 
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k] for k in sorted(keys)}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_index(folder, split.tensor_to_filename, sum(t.numel() * t.element_size() for t in state.values()))
     return sorted(split.filename_to_tensors)
+
+
+def write_index(folder: Path, tensor_to_filename: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json`` of a sharded checkpoint (``total_size`` in bytes)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(tensor_to_filename.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(source_folder: str | None, tokenizer, model, folder: Path) -> None:
@@ -186,32 +190,51 @@ def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: 
             raise UnsupportedError(f"{name}: {exc}") from None
         for suffix, tensor in packed.items():
             state[f"{name}.{suffix}"] = tensor.contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    tmp = temp_folder(out)
     try:
         shards = _write_shards(state, tmp, max_shard_size)
-        cfg = {**model_config, "quantization_config": quant_config}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, model_config, quant_config)
         side_files(tmp)
         _verify(tmp, state, fmt, qweights, options, verify_sample, out)
         del state
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != CARD_FILE}
-        record = {**record, "shards": shards, "files_sha256": files}
-        if card is not None:
-            (tmp / CARD_FILE).write_text(card(tmp, record), encoding="utf-8")
-        (tmp / QTOOL_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        return commit_checkpoint(tmp, out, record, shards, card)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temp_folder(out: Path) -> Path:
+    """A fresh hidden temporary sibling of ``out`` to write a checkpoint into."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+
+
+def write_config(folder: Path, model_config: dict, quant_config: dict) -> None:
+    """``config.json``: ``model_config`` with ``quantization_config = quant_config``."""
+    cfg = {**model_config, "quantization_config": quant_config}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def commit_checkpoint(tmp: Path, out: Path, record: dict, shards: list[str],
+                      card: Callable[[Path, dict], str] | None = None) -> dict:
+    """Finish a checkpoint written and verified in ``tmp``: the sha256 of every file (but
+    the card), the model card, ``qtool.json`` (``record`` plus ``shards`` and
+    ``files_sha256``), permissions, then the atomic rename of ``tmp`` to ``out`` (an
+    existing ``out`` is replaced). Returns the ``qtool.json`` content."""
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != CARD_FILE}
+    record = {**record, "shards": shards, "files_sha256": files}
+    if card is not None:
+        (tmp / CARD_FILE).write_text(card(tmp, record), encoding="utf-8")
+    (tmp / QTOOL_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    os.chmod(tmp, 0o755)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return record
 
 
