@@ -112,9 +112,10 @@ def _quantize(capsys, src, out, calib, *extra):
                    "--format", "compressed-tensors", "--calib", calib, "--nsamples", "4", "--seqlen", "32")
 
 
-# every family with RTN; GPTQ and AWQ on Qwen2-VL (mrope positions), AWQ's (1 + w) folds on Gemma3
+# every family with RTN; GPTQ and AWQ on Qwen2-VL (mrope positions), AWQ's (1 + w) folds on Gemma3;
+# LLaVA's GPTQ runs with image-text calibration below
 RUNS = [("qwen2_vl", "rtn"), ("qwen2_vl", "gptq"), ("qwen2_vl", "awq"), ("gemma3_vl", "rtn"), ("gemma3_vl", "awq"),
-        ("llava", "rtn"), ("llava", "gptq")]
+        ("llava", "rtn")]
 
 
 @pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed (pip install -e '.[dev]')")
@@ -236,3 +237,92 @@ def test_every_format_reads_back_the_same_language_model(capsys, tmp_path, vlm_d
         for name, param in ref.model.visual.named_parameters():
             assert torch.equal(model.model.visual.get_parameter(name), param), name
     assert torch.equal(logits["gptq"], logits["compressed-tensors"])
+
+
+# --- image-text calibration ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llava_with_processor(tmp_path_factory, default_model_dir):
+    """A mini LLaVA whose folder holds a real processor (CLIP image processor, the shared
+    tokenizer plus ``<image>``), two images and an image-text calibration file."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    root = tmp_path_factory.mktemp("llava-proc")
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    config = _config("llava")
+    config.text_config.vocab_size = len(tok)
+    config.image_token_index = config.image_token_id = image_id
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    folder = root / "model"
+    model.save_pretrained(folder, safe_serialization=True)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+                   tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+                   num_additional_image_tokens=1,
+                   chat_template="{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                                 "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}").save_pretrained(folder)
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "text": f"A picture of {i} things, the quick brown fox jumps over the dog."})
+    calib = root / "pairs.jsonl"
+    calib.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, calib, image_id
+
+
+def test_image_text_calibration_feeds_the_real_multimodal_inputs(llava_with_processor):
+    """Each image-text row goes through the processor and the whole model: block 0's
+    captured hidden states hold the projected image features at the image tokens (not the
+    ``<image>`` embedding) and every block's inputs equal a hooked real forward's."""
+    from test_architectures import _assert_same
+
+    from qtool.calib_vlm import is_image_text, load_image_text
+    from qtool.models import get_blocks, spec_for
+    from qtool.pipeline import capture_inputs
+
+    folder, calib, image_id = llava_with_processor
+    assert is_image_text(str(calib))
+    data = load_image_text(str(calib), str(folder), nsamples=2, seqlen=8, seed=0)
+    assert data.provenance()["images"] == 2 and len(data.input_ids) == 2
+    sample = data.input_ids[0]
+    assert "pixel_values" in sample and (sample["input_ids"] == image_id).sum() == 4
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    spec = spec_for(model)
+    real: dict[int, list] = {}
+    handles = [b.register_forward_pre_hook(lambda m, a, kw, i=i: real.setdefault(i, []).append((a[0].clone(), dict(kw))),
+                                           with_kwargs=True) for i, b in enumerate(get_blocks(model, spec))]
+    with torch.inference_mode():
+        for s in data.input_ids:
+            model(**s, use_cache=False)
+    for h in handles:
+        h.remove()
+    captured = capture_inputs(model, spec, data.input_ids, 1, torch.device("cpu"), torch.float32)
+    for c, hidden in enumerate(captured.hidden):
+        torch.testing.assert_close(hidden, real[0][c][0], rtol=0, atol=0)
+        for i in range(LAYERS):
+            _assert_same(captured.block_kwargs[i][c], real[i][c][1], f"block {i} chunk {c}")
+    at_image = captured.hidden[0][0][sample["input_ids"][0] == image_id]
+    embedding = model.get_input_embeddings().weight[image_id]
+    assert not torch.allclose(at_image, embedding.expand_as(at_image))
+
+
+def test_image_text_calibration_end_to_end(capsys, tmp_path, llava_with_processor):
+    from qtool.api import load_any
+
+    folder, calib, _ = llava_with_processor
+    out = tmp_path / "ckpt"
+    res = run_cli(capsys, "-q", "--json", "quantize", folder, "-o", out, "--method", "gptq", "--sym", "--no-act-order",
+                  "-g", "32", "--format", "compressed-tensors", "--calib", calib, "--nsamples", "2", "--seqlen", "8")
+    assert res.code == 0, res.err
+    record = res.json()
+    assert record["calibration"]["kind"] == "image-text" and record["calibration"]["images"] == 2
+    assert record["coverage"]["quantized"] == 7 * LAYERS
+    assert (out / "processor_config.json").is_file()
+    model, _, _ = load_any(str(out))
+    assert torch.isfinite(_logits(model, _ids(1, 8))).all()

@@ -148,7 +148,12 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     calib = None
     if method.needs_calibration:
         progress("stage", name="calibration data", detail=config.calib or "bundled calib_data")
-        calib = load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
+        from qtool.calib_vlm import is_image_text, load_image_text
+
+        # a .jsonl of {"image", "text"} rows goes through the model's processor (vision-language models)
+        calib = (load_image_text(config.calib, folder, config.nsamples, config.seqlen, config.seed)
+                 if is_image_text(config.calib) else
+                 load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed))
     fp = fingerprint(model_fingerprint(folder, None if folder else source.path),
                      None if calib is None else calib.sha256, {**config.to_dict(), "dtype": dtype, "device": dev.type})
     work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp, restart)

@@ -102,13 +102,18 @@ class BlockInputs:
         return BlockInputs(hidden, self.block_kwargs[index], self.block_kwargs)
 
 
-def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, batch_size: int,
+def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor | list[dict], batch_size: int,
                    device: torch.device, dtype: torch.dtype) -> BlockInputs:
     """Run the model's forward on every calibration chunk with each block's computation
     skipped (its hidden states pass through), keeping block 0's inputs and every block's
     keyword arguments. Those arguments depend only on the token positions, never on the
     hidden states, so they are what the real forward gives each block. Blocks of one
-    kind receive the same objects, which are stored once."""
+    kind receive the same objects, which are stored once.
+
+    ``input_ids``: int64 ``[n, seqlen]`` token windows (``batch_size`` per chunk), or a
+    list of image-text samples, each the processor's model inputs and one chunk of its
+    own length (``qtool.calib_vlm``); their language blocks get the real multimodal
+    positions (Qwen2-VL's 3-D mrope) and image-token hidden states."""
     blocks = get_blocks(model, spec)
     catchers = [_Catcher(i == 0, i == len(blocks) - 1) for i in range(len(blocks))]
     shadowed = [block.__dict__.get("forward") for block in blocks]
@@ -116,13 +121,14 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, ba
     try:
         for block, catcher in zip(blocks, catchers):
             block.forward = catcher  # an instance attribute: nn.Module.__call__ runs it instead
+        if isinstance(input_ids, list):  # image-text samples: the vision tower runs too
+            moved += [model.get_submodule(m) for m in spec.float_modules]
         for m in moved:
             m.to(device)
         with torch.inference_mode():
-            for start in range(0, input_ids.shape[0], batch_size):
-                chunk = input_ids[start : start + batch_size].to(device)
+            for batch in _model_inputs(input_ids, batch_size, device):
                 try:
-                    model(input_ids=chunk, use_cache=False)
+                    model(**batch, use_cache=False)
                 except _StopForward:
                     pass
     finally:
@@ -139,6 +145,18 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, ba
     block_kwargs = [[on_cpu.setdefault(id(kw), _to(kw, "cpu")) for kw in chunk] for chunk in per_chunk]
     block_kwargs = [list(per_block) for per_block in zip(*block_kwargs)]  # [block][chunk]
     return BlockInputs(hidden, block_kwargs[0], block_kwargs)
+
+
+def _model_inputs(input_ids, batch_size: int, device: torch.device):
+    """The model's forward arguments per calibration chunk: ``batch_size`` rows of an
+    int64 ``[n, seqlen]`` tensor, or each dict of a list as one chunk (an image-text
+    sample from the model's processor: ``input_ids``, ``pixel_values``, ...)."""
+    if isinstance(input_ids, list):
+        for sample in input_ids:
+            yield _to(sample, device)
+        return
+    for start in range(0, input_ids.shape[0], batch_size):
+        yield {"input_ids": input_ids[start : start + batch_size].to(device)}
 
 
 def _dedupe(calls: list[dict]) -> list[dict]:
@@ -293,7 +311,7 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
     compute_dtype = torch.float32 if device.type == "cpu" else next(model.parameters()).dtype
     if method.needs_calibration and inputs is None:
         assert input_ids is not None and start_block == 0
-        progress("capture", total=input_ids.shape[0])
+        progress("capture", total=len(input_ids))
         inputs = capture_inputs(model, spec, input_ids, config.batch_size, device, compute_dtype)
     results: dict[str, LayerResult] = {}
     progress("blocks", total=len(blocks), start=start_block)
