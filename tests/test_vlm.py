@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,7 +323,21 @@ def test_image_text_calibration_end_to_end(capsys, tmp_path, llava_with_processo
     assert res.code == 0, res.err
     record = res.json()
     assert record["calibration"]["kind"] == "image-text" and record["calibration"]["images"] == 2
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "qtool-output.schema.json").read_text())
+    jsonschema.validate(record, schema)
     assert record["coverage"]["quantized"] == 7 * LAYERS
     assert (out / "processor_config.json").is_file()
     model, _, _ = load_any(str(out))
     assert torch.isfinite(_logits(model, _ids(1, 8))).all()
+
+
+def test_image_text_calibration_without_an_image_processor_is_refused(capsys, tmp_path, vlm_dirs, llava_with_processor):
+    """A model folder whose processor cannot read images: one line naming the fix, nothing written."""
+    _, calib, _ = llava_with_processor
+    out = tmp_path / "ckpt"
+    res = run_cli(capsys, "quantize", vlm_dirs["gemma3_vl"], "-o", out, "--method", "gptq", "--calib", calib,
+                  "--nsamples", "2", "-g", "32")
+    assert res.code != 0
+    assert "processor" in res.err and "--calib FILE.txt" in res.err, res.err
+    assert not out.exists()

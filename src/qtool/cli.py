@@ -159,7 +159,7 @@ def quantize(
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric (default: sym for rtn/gptq, asym for awq)."),
     fmt: str = typer.Option("gptq", "--format", "-f", help="gptq | awq | marlin | compressed-tensors"),
     gptq_version: int = typer.Option(0, "--gptq-version", show_default=False, help="GPTQ checkpoint_format 1 (gptq) or 2 (gptq_v2).  [default: auto = 1 if sym else 2]"),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration .txt/.jsonl/.parquet file or pileval|c4|wikitext2 (default: bundled calib_data)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration .txt/.jsonl/.parquet file or pileval|c4|wikitext2 (default: bundled calib_data); for a vision-language model, a .jsonl of {\"image\": path, \"text\": ...} rows runs through its processor."),
     nsamples: int = typer.Option(128, "--nsamples", help="Calibration samples."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
