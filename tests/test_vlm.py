@@ -39,6 +39,13 @@ def _config(family: str):
             vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
             image_token_id=img, video_token_id=vid, vision_start_token_id=start, vision_end_token_id=end,
             tie_word_embeddings=True)
+    if family == "qwen2_5_vl":  # window attention in block 0, full attention in block 1
+        return transformers.Qwen2_5_VLConfig(
+            text_config={**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               fullatt_block_indexes=[1], window_size=56),
+            image_token_id=img, video_token_id=vid, vision_start_token_id=start, vision_end_token_id=end,
+            tie_word_embeddings=True)
     if family == "gemma3_vl":
         return transformers.Gemma3Config(
             text_config={**TEXT, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 8,
@@ -53,9 +60,10 @@ def _config(family: str):
         image_token_index=img, tie_word_embeddings=True)
 
 
-CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "gemma3_vl": "Gemma3ForConditionalGeneration",
+CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "gemma3_vl": "Gemma3ForConditionalGeneration",
            "llava": "LlavaForConditionalGeneration"}
-VISION = {"qwen2_vl": ("model.visual",), "gemma3_vl": ("model.vision_tower", "model.multi_modal_projector"),
+VISION = {"qwen2_vl": ("model.visual",), "qwen2_5_vl": ("model.visual",), "gemma3_vl": ("model.vision_tower", "model.multi_modal_projector"),
           "llava": ("model.vision_tower", "model.multi_modal_projector")}
 
 
@@ -113,10 +121,11 @@ def _quantize(capsys, src, out, calib, *extra):
                    "--format", "compressed-tensors", "--calib", calib, "--nsamples", "4", "--seqlen", "32")
 
 
-# every family with RTN; GPTQ and AWQ on Qwen2-VL (mrope positions), AWQ's (1 + w) folds on Gemma3;
-# LLaVA's GPTQ runs with image-text calibration below
-RUNS = [("qwen2_vl", "rtn"), ("qwen2_vl", "gptq"), ("qwen2_vl", "awq"), ("gemma3_vl", "rtn"), ("gemma3_vl", "awq"),
+# every family with RTN; GPTQ and AWQ on Qwen2-VL / Qwen2.5-VL (mrope positions), AWQ's (1 + w) folds on
+# Gemma3; LLaVA's GPTQ runs with image-text calibration below
+RUNS = [("qwen2_vl", "rtn"), ("qwen2_vl", "awq"), ("qwen2_5_vl", "gptq"), ("gemma3_vl", "rtn"), ("gemma3_vl", "awq"),
         ("llava", "rtn")]
+ARCHITECTURE = {"qwen2_5_vl": "qwen2_vl"}  # one family file covers both
 
 
 @pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not installed (pip install -e '.[dev]')")
@@ -133,7 +142,7 @@ def test_transformers_loads_the_same_class(capsys, tmp_path, vlm_dirs, calib_txt
     res = _quantize(capsys, src, out, calib_txt, *METHOD_ARGS[method])
     assert res.code == 0, res.err
     record = res.json()
-    assert record["model"]["architecture"] == family
+    assert record["model"]["architecture"] == ARCHITECTURE.get(family, family)
     source = mini_model(family)
     # the names on disk are those transformers' own save_pretrained writes
     with safe_open(str(src / "model.safetensors"), "pt") as f:
@@ -175,7 +184,7 @@ def test_transformers_loads_the_same_class(capsys, tmp_path, vlm_dirs, calib_txt
     assert torch.equal(theirs.get_submodule(name).weight.float(), ref_w)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3_vl"])
 def test_every_language_block_gets_the_inputs_of_the_real_forward(family):
     """Text-only calibration runs the whole model: each language block's captured hidden
     states and keyword arguments (Qwen2-VL's rotary tables from its mrope positions,
