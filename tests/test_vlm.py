@@ -166,6 +166,7 @@ def test_transformers_loads_the_same_class(capsys, tmp_path, vlm_dirs, calib_txt
         for k in vision:
             assert torch.equal(got.get_tensor(k), ref.get_tensor(k)), k
     assert (out / "preprocessor_config.json").is_file()
+    assert "AutoModelForImageTextToText.from_pretrained" in (out / "README.md").read_text()  # the card's snippet
     theirs = transformers.AutoModelForImageTextToText.from_pretrained(
         out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     assert type(theirs).__name__ == CLASSES[family]

@@ -345,15 +345,24 @@ def _coverage(folder: Path, record: dict) -> tuple[list[str], dict]:
 
 
 _TRANSFORMERS = '''```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 {imports}
 path = "path/to/this/folder"  # or the repository id it is uploaded to
-model = AutoModelForCausalLM.from_pretrained(path{extra})
+model = {auto}.from_pretrained(path{extra})
 tokenizer = AutoTokenizer.from_pretrained(path)
 ```'''
 _VLLM = '''```bash
 vllm serve path/to/this/folder   # vLLM reads the quantization_config of config.json
 ```'''
+
+
+def _auto_class(record: dict) -> str:
+    """The transformers auto class of the checkpoint's family (``ArchSpec.auto_class``:
+    ``AutoModelForImageTextToText`` for a vision-language model)."""
+    from qtool.models import FAMILIES
+
+    arch = (record.get("model") or {}).get("architecture")
+    return next((spec.auto_class for spec in FAMILIES if spec.name == arch), "AutoModelForCausalLM")
 
 
 def _loading(record: dict) -> list[str]:
@@ -371,12 +380,12 @@ def _loading(record: dict) -> list[str]:
             "from transformers import CompressedTensorsConfig\n",
             ", quantization_config=CompressedTensorsConfig(dequantize=True)")
         need = "`pip install compressed-tensors`" + ("" if sym else "; asymmetric weights load with `dequantize=True`")
-        return [f"transformers ({need}):", "", _TRANSFORMERS.format(imports=imports, extra=extra), "",
+        return [f"transformers ({need}):", "", _TRANSFORMERS.format(imports=imports, extra=extra, auto=_auto_class(record)), "",
                 "vLLM (`compressed-tensors`, WNA16 kernels):", "", _VLLM]
     kernel = {"gptq": "`gptq_marlin` for symmetric weights, `gptq` otherwise",
               "awq": "`awq_marlin`, or `awq`"}[fmt]
     return [f"transformers (its {fmt.upper()} loader needs `pip install gptqmodel optimum`):", "",
-            _TRANSFORMERS.format(imports="", extra=', device_map="auto"'), "",
+            _TRANSFORMERS.format(imports="", extra=', device_map="auto"', auto=_auto_class(record)), "",
             f"vLLM ({kernel}):", "", _VLLM]
 
 
