@@ -351,3 +351,30 @@ def test_image_text_calibration_without_an_image_processor_is_refused(capsys, tm
     assert res.code != 0
     assert "processor" in res.err and "--calib FILE.txt" in res.err, res.err
     assert not out.exists()
+
+
+def test_image_text_calibration_file_errors(tmp_path, vlm_dirs, llava_with_processor):
+    """Each wrong input is one line naming the problem and the fix."""
+    import importlib.util
+    import shutil
+
+    from qtool.calib_vlm import load_image_text
+    from qtool.errors import UserInputError
+
+    folder, calib, _ = llava_with_processor
+    with pytest.raises(UserInputError, match="fewer than --nsamples 9: pass --nsamples 3"):
+        load_image_text(str(calib), str(folder), nsamples=9, seqlen=8, seed=0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "nowhere.png", "text": "a"}) + "\n")
+    with pytest.raises(UserInputError, match="nowhere.png cannot be read.*fix the path"):
+        load_image_text(str(bad), str(folder), nsamples=1, seqlen=8, seed=0)
+    bad.write_text(json.dumps({"picture": "x.png", "text": "a"}) + "\n")
+    with pytest.raises(UserInputError, match="line 1: each row needs an \"image\" path and a \"text\""):
+        load_image_text(str(bad), str(folder), nsamples=1, seqlen=8, seed=0)
+    if importlib.util.find_spec("torchvision") is None:  # Qwen2-VL's processor needs it for its video processor
+        qwen = tmp_path / "qwen"
+        shutil.copytree(vlm_dirs["qwen2_vl"], qwen)
+        (qwen / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}))
+        with pytest.raises(UserInputError, match="needs a package that is not installed.*pip install torchvision"):
+            load_image_text(str(calib), str(qwen), nsamples=1, seqlen=8, seed=0)

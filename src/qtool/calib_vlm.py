@@ -78,8 +78,9 @@ def load_image_text(calib: str, model_folder: str | None, nsamples: int, seqlen:
     in ``model_folder``.
 
     Raises:
-        UserInputError: no processor in the model folder, a row without ``image``/``text``,
-            a missing or unreadable image, or fewer rows than ``nsamples``; one line each.
+        UserInputError: no processor in the model folder (or a package it needs), a row
+            without ``image``/``text``, a missing or unreadable image, or fewer rows than
+            ``nsamples``; one line each.
     """
     from PIL import Image
     from transformers import AutoProcessor
@@ -90,6 +91,10 @@ def load_image_text(calib: str, model_folder: str | None, nsamples: int, seqlen:
                              "have: quantize the Hugging Face folder, or calibrate on text with --calib FILE.txt")
     try:
         processor = AutoProcessor.from_pretrained(model_folder)
+    except ImportError as exc:  # e.g. Qwen2-VL's video processor needs torchvision
+        raise UserInputError(f"image-text --calib {calib}: the model's processor needs a package that is not "
+                             f"installed ({' '.join(str(exc).split())[:160]}): install it (e.g. `pip install "
+                             "torchvision`), or calibrate on text with --calib FILE.txt") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserInputError(f"image-text --calib {calib}: the model folder has no processor that reads images "
                              f"({str(exc).splitlines()[0][:120]}); add its preprocessor_config.json, or calibrate "
