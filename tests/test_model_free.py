@@ -174,3 +174,31 @@ def test_model_free_refused_where_it_cannot_run(capsys, tmp_path, mini_llama):
     res = run_cli(capsys, "quantize", mini_llama, "--method", "gptq", "--model-free", "-o", tmp_path / "out")
     assert res.code != 0 and "--method gptq needs the model" in res.err
     assert not (tmp_path / "out").exists()
+
+
+def test_read_back_catches_a_corrupt_tensor(capsys, tmp_path, mini_llama, monkeypatch):
+    """One byte of the last packed layer changes on its way to disk: the save fails in one
+    line naming the tensor and nothing is left at the output path."""
+    import qtool.model_free as mf
+
+    real, corrupted = mf.write_shards, []
+
+    def write_then_corrupt(entries, folder, size):
+        shards, written = real(entries, folder, size)
+        key = sorted(k for k in written if k.endswith(".qweight"))[-1]
+        where = written[key]
+        with open(where.path, "r+b") as f:
+            f.seek(where.offset + where.nbytes // 2)
+            byte = f.read(1)
+            f.seek(where.offset + where.nbytes // 2)
+            f.write(bytes([byte[0] ^ 0x10]))
+        corrupted.append(key)
+        return shards, written
+
+    monkeypatch.setattr(mf, "write_shards", write_then_corrupt)
+    out = tmp_path / "out"
+    res = run_cli(capsys, "quantize", mini_llama, "--method", "rtn", "--model-free", "-o", out)
+    assert corrupted == ["model.layers.1.self_attn.v_proj.qweight"]
+    line = res.err.strip().splitlines()[-1]
+    assert res.code == 1 and line.startswith("qtool: error: read-back check failed") and corrupted[0] in line, res.err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

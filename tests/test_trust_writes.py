@@ -123,7 +123,8 @@ def _run(tiny, out, method, calib, watch: WriteWatch | None = None, **kwargs):
 
     _ACTIVE.append(watch or WriteWatch())
     try:
-        return quantize(str(tiny), out, _config(method, calib), **kwargs)
+        # the in-model path, whose work folder these tests kill (RTN would otherwise run model-free)
+        return quantize(str(tiny), out, _config(method, calib), model_free=False, **kwargs)
     finally:
         _ACTIVE.pop()
 
@@ -274,7 +275,7 @@ def test_read_back_catches_a_corrupt_layer_anywhere(capsys, tmp_path, tiny, monk
 
     monkeypatch.setattr(qtool.io, "_write_shards", write_then_corrupt)
     out = tmp_path / "out"
-    res = run_cli(capsys, "quantize", tiny, "--method", "rtn", "--format", "gptq", "-o", out)
+    res = run_cli(capsys, "quantize", tiny, "--method", "rtn", "--no-model-free", "--format", "gptq", "-o", out)
     assert corrupted == ["model.layers.2.self_attn.v_proj.qweight"]
     assert res.code == 1 and "Traceback" not in res.err, res.err
     line = res.err.strip().splitlines()[-1]

@@ -133,7 +133,8 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     check_work_dir(output, resume, restart, source_paths(source))
     check_format_options(config, source)
     dev = resolve_device(device)
-    free = _model_free(source, output, config, dtype=dtype, force=force, resume=resume, model_free=model_free,
+    free = _model_free(source, output, config, dtype=dtype, force=force, resume=resume, restart=restart,
+                       model_free=model_free,
                        include=tuple(include), model=model, command=command, device=device, progress=progress,
                        t_start=t_start)
     if isinstance(free, dict):
@@ -218,7 +219,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     return {"output": str(output), **record}
 
 
-def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bool, resume: bool,
+def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bool, resume: bool, restart: bool,
                 model_free: bool | None, include: tuple[str, ...], model, command, device, progress,
                 t_start: float) -> dict | str:
     """Run model-free RTN when it applies (``qtool.model_free``) and return its record;
@@ -230,8 +231,8 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
             raise UserInputError("--include selects weights for the model-free path: drop --no-model-free or --include")
         return "--no-model-free"
     why = ("--method " + config.method + " needs the model" if config.method != "rtn" else
-           "the source is a GGUF file" if source.kind == "gguf" else "--resume continues the in-model work folder"
-           if resume else None)
+           "the source is a GGUF file" if source.kind == "gguf" else "--resume/--restart: the in-model work folder"
+           if resume or restart else None)
     if why:
         if model_free or include:
             raise UserInputError(f"--model-free/--include apply to --method rtn on a safetensors model only ({why}): "
