@@ -202,3 +202,21 @@ def test_read_back_catches_a_corrupt_tensor(capsys, tmp_path, mini_llama, monkey
     line = res.err.strip().splitlines()[-1]
     assert res.code == 1 and line.startswith("qtool: error: read-back check failed") and corrupted[0] in line, res.err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_mixtral_per_expert_names_same_files(tmp_path, default_model_dir):
+    """An MoE family: the experts are per-expert tensors on disk
+    (``block_sparse_moe.experts.E.w1``); model-free quantizes them under those names and
+    the files are the in-model path's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
+    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(tmp_path / "src")
+    free = _quantize(tmp_path / "src", tmp_path / "free", None, group_size=32)
+    _quantize(tmp_path / "src", tmp_path / "inm", False, group_size=32)
+    assert free["model_free"]["used"] is True
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in free["layers"]
+    _assert_same_files(tmp_path / "free", tmp_path / "inm")
