@@ -1,14 +1,18 @@
-"""Vision-language models: mini random-init Qwen2-VL, Gemma3 (image-text) and LLaVA
-(Llama text model) built from their transformers config classes, each with a one-layer
+"""Vision-language models: mini random-init Qwen2-VL, Qwen2.5-VL, Gemma3 (image-text) and
+LLaVA (Llama text model) built from their transformers config classes, each with a small
 vision tower and a two-layer language model.
 
 * only the language blocks are quantized: the coverage line counts exactly their linears
   and reports the vision tower and projector as kept in float;
-* RTN and GPTQ (and AWQ where the family's folds prove) run end to end to
-  compressed-tensors; transformers loads the checkpoint as the same class, under the key
-  names its own ``save_pretrained`` writes, with logits on a text input matching qtool's
-  reading; the vision tower and projector are bit-equal to the source;
-* the calibration captures the real block arguments: Qwen2-VL's 3-D mrope positions.
+* RTN, GPTQ and AWQ (all families' folds prove) run end to end to compressed-tensors;
+  transformers loads the checkpoint as the same class, under the key names its own
+  ``save_pretrained`` writes, with logits on a text input matching qtool's reading; the
+  vision tower and projector are bit-equal to the source; GPTQ-format checkpoints read
+  back into the same model;
+* text-only calibration gives every language block the arguments of the real forward
+  (Qwen2-VL's rotary tables from its mrope positions, Gemma3's local/global masks);
+* image-text calibration (``--calib`` .jsonl of image/text rows) runs each pair through
+  the model's processor and the whole model; its errors are one line each.
 """
 
 from __future__ import annotations
@@ -121,10 +125,9 @@ def _quantize(capsys, src, out, calib, *extra):
                    "--format", "compressed-tensors", "--calib", calib, "--nsamples", "4", "--seqlen", "32")
 
 
-# every family with RTN; GPTQ and AWQ on Qwen2-VL / Qwen2.5-VL (mrope positions), AWQ's (1 + w) folds on
-# Gemma3; LLaVA's GPTQ runs with image-text calibration below
-RUNS = [("qwen2_vl", "rtn"), ("qwen2_vl", "awq"), ("qwen2_5_vl", "gptq"), ("gemma3_vl", "rtn"), ("gemma3_vl", "awq"),
-        ("llava", "rtn")]
+# every family, every method at least once: RTN, AWQ and GPTQ on Qwen2-VL / Qwen2.5-VL (mrope positions),
+# AWQ's (1 + w) folds on Gemma3, RTN on LLaVA (whose GPTQ runs with image-text calibration below)
+RUNS = [("qwen2_vl", "rtn"), ("qwen2_vl", "awq"), ("qwen2_5_vl", "gptq"), ("gemma3_vl", "awq"), ("llava", "rtn")]
 ARCHITECTURE = {"qwen2_5_vl": "qwen2_vl"}  # one family file covers both
 
 
