@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import make_mini_model
 from helpers import run_cli
+from safetensors.torch import save_file
 
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -156,7 +155,7 @@ def test_include_quantizes_an_unknown_architecture(capsys, tmp_path, mini_llama)
     assert res.code == 0, res.err
     record = res.json()
     assert record["model_free"]["used"] is True and record["coverage"]["quantized"] == 3
-    qweights, plain, fmt, _ = read_quantized_layers(out)
+    qweights, plain, _, _ = read_quantized_layers(out)
     assert sorted(qweights) == ["blocks.0.mix", "blocks.0.out", "blocks.1.mix"]
     for name, qw in qweights.items():
         ref = rtn_quantize(state[f"{name}.weight"], 4, 32, True)
@@ -185,7 +184,7 @@ def test_read_back_catches_a_corrupt_tensor(capsys, tmp_path, mini_llama, monkey
 
     def write_then_corrupt(entries, folder, size):
         shards, written = real(entries, folder, size)
-        key = sorted(k for k in written if k.endswith(".qweight"))[-1]
+        key = max(k for k in written if k.endswith(".qweight"))
         where = written[key]
         with open(where.path, "r+b") as f:
             f.seek(where.offset + where.nbytes // 2)

@@ -46,9 +46,10 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -253,7 +254,7 @@ def plan_family(folder: Path, config, tensors: dict[str, ByteRange], dtype: str,
     from qtool.models import is_registered, spec_for
     from qtool.models.moe import disk_renamer
 
-    hf_config, skeleton = _skeleton(folder)
+    _, skeleton = _skeleton(folder)
     if skeleton is None:
         raise NotIdentical(UNKNOWN)
     spec = spec_for(skeleton)
