@@ -173,6 +173,9 @@ def test_transformers_loads_the_same_class(capsys, tmp_path, vlm_dirs, calib_txt
     theirs = transformers.AutoModelForImageTextToText.from_pretrained(
         out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     assert type(theirs).__name__ == CLASSES[family]
+    for prefix in VISION[family]:  # transformers read the vision tower from the file (not initialized)
+        for name, param in source.get_submodule(prefix).named_parameters():
+            assert torch.equal(theirs.get_submodule(prefix).get_parameter(name), param), f"{prefix}.{name}"
     ours, _, _ = load_any(str(out))
     assert type(ours).__name__ == CLASSES[family]
     ids = _ids(2, 24, seed=3)
@@ -251,6 +254,16 @@ def test_every_format_reads_back_the_same_language_model(capsys, tmp_path, vlm_d
         for name, param in ref.model.visual.named_parameters():
             assert torch.equal(model.model.visual.get_parameter(name), param), name
     assert torch.equal(logits["gptq"], logits["compressed-tensors"])
+    # converted to compressed-tensors, transformers loads it with the vision tower left in float
+    import transformers
+
+    conv = tmp_path / "converted"
+    res = run_cli(capsys, "-q", "convert", tmp_path / "gptq", "--to", "compressed-tensors", "-o", conv)
+    assert res.code == 0, res.err
+    theirs = transformers.AutoModelForImageTextToText.from_pretrained(conv, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(theirs, _ids(1, 16, seed=5)), logits["gptq"], rtol=2e-3, atol=2e-3)
+    for name, param in ref.model.visual.named_parameters():  # read from the file, not initialized
+        assert torch.equal(theirs.model.visual.get_parameter(name), param), name
 
 
 # --- image-text calibration ---------------------------------------------------------------

@@ -152,6 +152,10 @@ def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, g
     model_config = json.loads((source / "config.json").read_text())
     model_config.pop("quantization_config", None)
     quant_config = fmt.quantization_config(params["bits"], params["group_size"], params["sym"], act_order, **options)
+    if to == "compressed-tensors":  # a vision-language model: its float vision tower and projector stay unquantized
+        from qtool.models.vlm import folder_ignore_patterns
+
+        quant_config = {**quant_config, "ignore": [*quant_config["ignore"], *folder_ignore_patterns(source)]}
     record = _record(source, src_record, src_fmt, src_options, params, to, options)
     if command:
         record["converted_from"][-1]["command"] = command

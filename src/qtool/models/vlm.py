@@ -105,3 +105,20 @@ def ignore_patterns(model: nn.Module) -> list[str]:
             if pattern not in out:
                 out.append(pattern)
     return out
+
+
+def folder_ignore_patterns(folder) -> list[str]:
+    """``ignore_patterns`` of the model whose ``config.json`` is in ``folder``, built on the
+    meta device (no weights read); empty outside vision-language families. For writers
+    without a model (``qtool convert``)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    spec = _family(getattr(config, "model_type", None))
+    if spec is None or not spec.float_modules:
+        return []
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return ignore_patterns(auto_model_class(config).from_config(config))
