@@ -114,7 +114,10 @@ def folder_ignore_patterns(folder) -> list[str]:
     import torch
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError):  # an architecture transformers does not know: not a registered VLM
+        return []
     spec = _family(getattr(config, "model_type", None))
     if spec is None or not spec.float_modules:
         return []
