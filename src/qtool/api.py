@@ -226,13 +226,15 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
     otherwise the reason the in-model path runs (for ``qtool.json``)."""
     from qtool.loading import local_folder
 
+    # the reason recorded depends on the run's settings, not on how it was started
+    # (a flag that changed nothing, or --resume of the same run): resumed files stay identical
+    why = ("--method " + config.method + " needs the model" if config.method != "rtn" else
+           "the source is a GGUF file" if source.kind == "gguf" else None)
     if model_free is False:
         if include:
             raise UserInputError("--include selects weights for the model-free path: drop --no-model-free or --include")
-        return "--no-model-free"
-    why = ("--method " + config.method + " needs the model" if config.method != "rtn" else
-           "the source is a GGUF file" if source.kind == "gguf" else "--resume/--restart: the in-model work folder"
-           if resume or restart else None)
+        return why or "--no-model-free"
+    why = why or ("--resume/--restart: the in-model work folder" if resume or restart else None)
     if why:
         if model_free or include:
             raise UserInputError(f"--model-free/--include apply to --method rtn on a safetensors model only ({why}): "
