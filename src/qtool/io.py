@@ -247,6 +247,31 @@ def _open_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _shard_tensors(shard: Path):
+    """``(name, tensor)`` of every tensor of one safetensors shard."""
+    with safe_open(str(shard), framework="pt") as handle:
+        for key in handle.keys():
+            yield key, handle.get_tensor(key)
+
+
+def compare_shards(folder: Path, out: Path, expected: dict, read: Callable[[Path], Iterable[tuple[str, object]]],
+                   same: Callable[[object, object], bool]) -> None:
+    """The read-back check of a written checkpoint: every tensor ``read(shard)`` yields
+    from the shards in ``folder`` must be in ``expected`` and ``same`` as it there, and
+    none of ``expected`` may be missing; else ``FormatError`` (``out``: the final path)."""
+    seen = set()
+    for shard in sorted(folder.glob("*.safetensors")):
+        for key, value in read(shard):
+            if key not in expected or not same(value, expected[key]):
+                raise FormatError(f"read-back check failed: {key} in {shard.name} differs from what was written "
+                                  f"(a disk or filesystem fault?); nothing was saved to {out}: check the disk and run again")
+            seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise FormatError(f"read-back check failed: {len(missing)} tensors, e.g. {missing[0]}, are missing from the "
+                          f"written shards; nothing was saved to {out}: check the disk and run again")
+
+
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
@@ -259,18 +284,7 @@ def _verify(folder: Path, state: dict[str, torch.Tensor], fmt, qweights: dict[st
     to its in-memory one byte for byte. Then up to ``sample`` layers (evenly spread) are
     unpacked from ``state`` and must give back exactly their ``qweights`` (the format holds
     what the method produced). A mismatch raises ``FormatError`` naming the tensor."""
-    seen = set()
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():
-                if key not in state or not _same_bytes(handle.get_tensor(key), state[key]):
-                    raise FormatError(f"read-back check failed: {key} in {shard.name} differs from what was written "
-                                      f"(a disk or filesystem fault?); nothing was saved to {out}: check the disk and run again")
-                seen.add(key)
-    missing = sorted(set(state) - seen)
-    if missing:
-        raise FormatError(f"read-back check failed: {len(missing)} tensors, e.g. {missing[0]}, are missing from the "
-                          f"written shards; nothing was saved to {out}: check the disk and run again")
+    compare_shards(folder, out, state, _shard_tensors, _same_bytes)
     names = sorted(qweights)
     if not names:
         return

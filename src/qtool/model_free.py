@@ -419,18 +419,10 @@ def write_shards(entries: dict[str, ByteRange], folder: Path, max_shard_size: st
 def verify_shards(folder: Path, entries: dict[str, ByteRange], out: Path) -> None:
     """Read the written shards' headers back and compare every tensor's bytes with its
     source bytes; a difference raises ``FormatError``."""
-    seen = set()
-    for shard in sorted(folder.glob("*.safetensors")):
-        for key, e in read_header(shard).items():
-            if key not in entries or not _same_bytes(e, entries[key]) or e.dtype != entries[key].dtype \
-                    or e.shape != entries[key].shape:
-                raise FormatError(f"read-back check failed: {key} in {shard.name} differs from what was written "
-                                  f"(a disk or filesystem fault?); nothing was saved to {out}: check the disk and run again")
-            seen.add(key)
-    missing = sorted(set(entries) - seen)
-    if missing:
-        raise FormatError(f"read-back check failed: {len(missing)} tensors, e.g. {missing[0]}, are missing from the "
-                          f"written shards; nothing was saved to {out}: check the disk and run again")
+    from qtool.io import compare_shards
+
+    compare_shards(folder, out, entries, lambda shard: read_header(shard).items(),
+                   lambda e, x: e.dtype == x.dtype and e.shape == x.shape and _same_bytes(e, x))
 
 
 def model_config_dict(folder: Path) -> dict:
