@@ -229,7 +229,7 @@ def quantize_tensors(folder: Path, tensors: dict[str, ByteRange], plan: Plan, co
     from qtool.layer_error import layer_errors
     from qtool.pack import get_format
     from qtool.pipeline import check_finite
-    from qtool.rtn import rtn_quantize, weight_error
+    from qtool.rtn import config_ratios, rtn_quantize, weight_error
 
     fmt = get_format(config.format)
     options = format_options(config.format, config)
@@ -256,7 +256,7 @@ def quantize_tensors(folder: Path, tensors: dict[str, ByteRange], plan: Plan, co
         if f"{name}.bias" in tensors:
             bias = _load(tensors[f"{name}.bias"], f"{name}.bias")
             bias = bias.to(plan.dtype) if plan.dtype is not None else bias
-        qw = rtn_quantize(weight, config.bits, config.group_size, config.symmetric, bias)
+        qw = rtn_quantize(weight, config.bits, config.group_size, config.symmetric, bias, ratios=config_ratios(config))
         deq = qw.dequantize()
         try:
             packed = fmt.pack(qw, **options)

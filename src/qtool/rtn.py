@@ -12,6 +12,12 @@ the stored value is whichever float16 neighbour of the exact scale reproduces th
 better (``fit_storage_scale``). Rounding the scale to float16 *before* choosing codes looks tidier but shifts
 rounding ties systematically: on SmolLM2 (whose weights sit on a Q4_1 grid) it cost 0.9
 perplexity for symmetric RTN (26.85 -> 27.72 on 8 WikiText-2 windows).
+
+A group's range is its min-max range (``--scale-search minmax``), or, with
+``--scale-search mse``, the min-max range shrunk by whichever ratio of a grid
+(``shrink_ratios``: 1, 0.99, ..., 0.75 by default) reproduces the group with the smallest
+(optionally importance-weighted) squared error (``mse_qparams``; GPTQ's ``mse`` option,
+llama.cpp's scale search): clipping a few outliers buys a finer step for all the others.
 """
 
 from __future__ import annotations
@@ -22,25 +28,94 @@ from qtool.layer_error import layer_errors
 from qtool.qtensor import QuantizedWeight
 
 
-def group_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero for each row of ``w``.
+def group_qparams(w: torch.Tensor, bits: int, sym: bool, ratios: torch.Tensor | None = None,
+                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``w``: min-max, or the MSE-best shrink of it.
 
     Args:
-        w: float ``[n, m]``, the weights of one group (or clip-bounded ``[n, 2]``
-            ``(min, max)`` pairs: only the row min and max matter).
+        w: float ``[n, m]``, the weights of one group (or, min-max only, clip-bounded
+            ``[n, 2]`` ``(min, max)`` pairs: only the row min and max matter).
         bits: code width.
         sym: symmetric (zero = midpoint) or asymmetric.
+        ratios: None for the min-max range; else the candidate shrink ratios of
+            ``mse_qparams`` (``shrink_ratios``).
+        importance: with ``ratios``, optional float ``[m]`` weight of each column's
+            squared error (``mse_qparams``).
 
     Returns:
         ``(scale, zero)``: scale float32 ``[n]`` (exact; stored as float16 by
         ``storage_scale``), zero float32 ``[n]`` holding integers in ``0 .. 2**bits - 1``.
     """
+    if ratios is not None:
+        return mse_qparams(w, bits, sym, ratios, importance)
+    wmin, wmax = _row_range(w)
+    return minmax_qparams(wmin, wmax, bits, sym)
+
+
+def _row_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[n]`` row min and max of ``[n, m]``; the range always includes 0 so that
+    exact zeros stay exact (as GPTQ and llm-compressor)."""
     w = w.float()
-    maxq = 2**bits - 1
-    # the range always includes 0 so that exact zeros stay exact (as GPTQ and llm-compressor)
-    wmin = torch.clamp(w.amin(dim=1), max=0.0)
-    wmax = torch.clamp(w.amax(dim=1), min=0.0)
-    return minmax_qparams(wmin, wmax, bits, sym, maxq)
+    return torch.clamp(w.amin(dim=1), max=0.0), torch.clamp(w.amax(dim=1), min=0.0)
+
+
+def shrink_ratios(grid: int, max_shrink: float) -> torch.Tensor:
+    """float32 ``[grid + 1]``: ``1, 1 - max_shrink / grid, ..., 1 - max_shrink``."""
+    return 1.0 - max_shrink * torch.arange(grid + 1, dtype=torch.float32) / grid
+
+
+def config_ratios(config) -> torch.Tensor | None:
+    """The shrink ratios that ``config`` (a ``QuantizeConfig``) asks group parameters to
+    search (``--scale-search mse``), or None for min-max."""
+    if config.scale_search != "mse":
+        return None
+    return shrink_ratios(config.scale_grid, config.scale_max_shrink)
+
+
+# candidates x rows x columns scored at once by ``mse_qparams`` (bounded memory)
+MSE_BATCH_ELEMENTS = 1 << 22
+
+
+def mse_qparams(w: torch.Tensor, bits: int, sym: bool, ratios: torch.Tensor,
+                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w``, the shrink of its min-max range that reproduces it best.
+
+    Candidate ``i`` is ``minmax_qparams(p_i * wmin, p_i * wmax)`` (``wmin <= 0 <= wmax``
+    the row's range, symmetric: ``p_i * max|w|``), with its codes
+    ``quantize_to_codes``; its error is ``sum_c importance[c] * (w[c] - dq[c])**2`` with
+    ``dq`` the codes dequantized with the stored float16 scale (``dequantize_codes``),
+    i.e. exactly what the checkpoint would hold. The first candidate with the smallest
+    error wins, so with ``ratios[0] == 1`` a row is never reproduced worse than by
+    min-max (which it keeps on ties). Deterministic.
+
+    Args:
+        w: float ``[n, m]``, the weights of one group per row.
+        bits, sym: as ``group_qparams``.
+        ratios: float ``[C]`` candidate ratios in ``(0, 1]`` (``shrink_ratios``).
+        importance: optional float ``[m]``, non-negative weight of each column's error
+            (None: all 1).
+
+    Returns:
+        ``(scale, zero)`` as ``group_qparams``.
+    """
+    w = w.float()
+    n, m = w.shape
+    wmin, wmax = _row_range(w)
+    p = ratios.to(w.device, torch.float32)[:, None]  # [C, 1]
+    scales, zeros = minmax_qparams(p * wmin, p * wmax, bits, sym)  # [C, n] each
+    weight = None if importance is None else importance.to(w.device, torch.float32)
+    best = torch.empty(n, dtype=torch.long, device=w.device)
+    rows = max(1, MSE_BATCH_ELEMENTS // max(p.numel() * m, 1))
+    for start in range(0, n, rows):
+        part = slice(start, start + rows)
+        s, z = scales[:, part, None], zeros[:, part, None]  # [C, b, 1]
+        codes = quantize_to_codes(w[part], s, z, bits)  # [C, b, m]
+        err = (dequantize_codes(codes, s, z) - w[part]).square_()
+        if weight is not None:
+            err = err * weight
+        best[part] = err.sum(dim=-1).argmin(dim=0)  # the first minimum: the largest ratio on ties
+    index = torch.arange(n, device=w.device)
+    return scales[best, index], zeros[best, index]
 
 
 def minmax_qparams(
@@ -124,6 +199,7 @@ def rtn_quantize(
     bias: torch.Tensor | None = None,
     clip_max: torch.Tensor | None = None,
     fit_scale: bool = True,
+    ratios: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of one weight matrix.
 
@@ -139,6 +215,8 @@ def rtn_quantize(
             that reproduces the group better (``fit_storage_scale``); False stores the
             nearest float16, as GPTQ must (its error feedback runs before a group's
             codes are all known).
+        ratios: None for min-max group ranges, else the shrink ratios searched per
+            group (``mse_qparams``, unweighted; ``config_ratios``).
 
     Returns:
         The canonical ``QuantizedWeight`` (contiguous groups, no ``g_idx``).
@@ -151,7 +229,7 @@ def rtn_quantize(
         bound = clip_max.float().unsqueeze(-1)  # [n, G, 1]
         w = torch.maximum(torch.minimum(w, bound), -bound)
     flat = w.reshape(-1, g)  # [n*G, g]
-    scale, zero = group_qparams(flat, bits, sym)
+    scale, zero = group_qparams(flat, bits, sym, ratios)
     codes = quantize_to_codes(flat, scale[:, None], zero[:, None], bits)
     if fit_scale:
         scale = fit_storage_scale(flat, codes, zero[:, None], scale)
@@ -186,7 +264,8 @@ class RTNMethod:
         out = {}
         for name in ctx.spec.linears:
             lin = ctx.linear(name)
-            qw = rtn_quantize(lin.weight, ctx.config.bits, ctx.config.group_size, ctx.config.symmetric, lin.bias)
+            qw = rtn_quantize(lin.weight, ctx.config.bits, ctx.config.group_size, ctx.config.symmetric, lin.bias,
+                              ratios=config_ratios(ctx.config))
             deq = qw.dequantize()
             # weight_rel_err: the squared ratio, kept for older readers of qtool.json
             out[name] = LayerResult(qw, {"weight_rel_err": weight_error(lin.weight, deq),
