@@ -150,18 +150,18 @@ def test_interrupt_during_save_leaves_nothing_then_resume_finishes(tmp_path, min
 
     out = tmp_path / "out"
     config = QuantizeConfig(method="gptq", calib=str(calib_txt), nsamples=4, seqlen=64)
-    real = qtool.io._write_shards
+    real = qtool.io._write_entries
 
-    def interrupted(state, folder, size):
-        real(state, folder, size)
+    def interrupted(entries, folder, size):
+        real(entries, folder, size)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qtool.io, "_write_shards", interrupted)
+    monkeypatch.setattr(qtool.io, "_write_entries", interrupted)
     with pytest.raises(KeyboardInterrupt):
         api_quantize(str(mini_llama), out, config)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
     assert (tmp_path / "out.qtool-work" / "block-0001").is_dir()  # both blocks committed
-    monkeypatch.setattr(qtool.io, "_write_shards", real)
+    monkeypatch.setattr(qtool.io, "_write_entries", real)
     record = api_quantize(str(mini_llama), out, config, resume=True)
     assert record["resumed_from_block"] == 2 and (out / "model.safetensors").is_file()
 

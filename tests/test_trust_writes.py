@@ -263,17 +263,17 @@ def test_read_back_catches_a_corrupt_layer_anywhere(capsys, tmp_path, tiny, monk
     line naming the tensor and nothing is left at the output path."""
     import qtool.io
 
-    real = qtool.io._write_shards
+    real = qtool.io._write_entries
     corrupted = []
 
-    def write_then_corrupt(state, folder, size):
-        shards = real(state, folder, size)
-        key = sorted(k for k in state if k.endswith(".qweight"))[-1]
+    def write_then_corrupt(entries, folder, size):
+        shards, written = real(entries, folder, size)
+        key = sorted(k for k in entries if k.endswith(".qweight"))[-1]
         _corrupt_tensor(folder / shards[0], key)
         corrupted.append(key)
-        return shards
+        return shards, written
 
-    monkeypatch.setattr(qtool.io, "_write_shards", write_then_corrupt)
+    monkeypatch.setattr(qtool.io, "_write_entries", write_then_corrupt)
     out = tmp_path / "out"
     res = run_cli(capsys, "quantize", tiny, "--method", "rtn", "--no-model-free", "--format", "gptq", "-o", out)
     assert corrupted == ["model.layers.2.self_attn.v_proj.qweight"]

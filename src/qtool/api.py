@@ -62,7 +62,7 @@ def layer_shapes(model, spec) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, tuple[int, int]]]:
+def plan(model, config: QuantizeConfig, weights=None) -> tuple[Any, QuantizeConfig, dict[str, tuple[int, int]]]:
     """Architecture, resolved config and the quantized layers' shapes; every shape or
     format constraint is checked here, before calibration."""
     from qtool.fixes import check_plan
@@ -70,7 +70,8 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
 
     spec = spec_for(model)
     for name, param in model.named_parameters():
-        check_finite(name, param)
+        if not param.is_meta:  # a streamed block's weights are checked as they are read
+            check_finite(name, param)
     shapes = layer_shapes(model, spec)
     in_features = {n: k for n, (_, k) in shapes.items()}
     # group size resolved, every option and layer shape checked; a refusal names only fixes that work here
@@ -79,11 +80,11 @@ def plan(model, config: QuantizeConfig) -> tuple[Any, QuantizeConfig, dict[str, 
         from qtool.models.moe import check_method
 
         check_method(spec, config.method)
-    prove_layout(model, spec, config.method)
+    prove_layout(model, spec, config.method, weights)
     return spec, config, shapes
 
 
-def prove_layout(model, spec, method: str) -> None:
+def prove_layout(model, spec, method: str, weights=None) -> None:
     """Run every block once on a few tokens: the family file must describe the real
     execution (``qtool.models.layout``) and, for AWQ, every fold must keep the float
     block's output (``qtool.awq.prove``); otherwise a one-line ``UnsupportedError``."""
@@ -91,7 +92,7 @@ def prove_layout(model, spec, method: str) -> None:
     from qtool.models.layout import check_execution, probe_blocks
 
     t0, proofs = time.perf_counter(), []
-    for probe in probe_blocks(model, spec):
+    for probe in probe_blocks(model, spec, weights=weights):
         check_execution(spec, probe)
         if method == "awq":
             proofs += prove_folds(spec, probe)
@@ -103,7 +104,7 @@ def prove_layout(model, spec, method: str) -> None:
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
              device: str = "auto", force: bool = False, resume: bool = False, restart: bool = False,
              command: str | None = None, progress: Progress = _quiet, model_free: bool | None = None,
-             include: tuple[str, ...] = ()) -> dict:
+             include: tuple[str, ...] = (), stream: bool | None = None) -> dict:
     """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
 
     RTN on a safetensors source runs model-free (``qtool.model_free``: tensor by tensor,
@@ -122,7 +123,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     from qtool.calib import load_calibration
     from qtool.card import equivalent_command, source_facts
     from qtool.coverage import plan_coverage
-    from qtool.io import save_checkpoint
+    from qtool.io import layer_packer, save_from_blocks
     from qtool.methods import get_method
     from qtool.pipeline import capture_inputs, quantize_model
     from qtool.resume import WorkDir, check_work_dir, fingerprint, model_fingerprint
@@ -140,8 +141,9 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     if isinstance(free, dict):
         return free
     progress("stage", name="load", detail=source.display)
-    hf_model, tokenizer, folder = load_model(source, dtype)
-    spec, config, shapes = plan(hf_model, config)
+    hf_model, tokenizer, folder, weights, streamed = _load_for_quantize(source, dtype, stream)
+    progress("stage", name="weights", detail="streamed block by block" if weights.streamed else f"loaded whole ({streamed})")
+    spec, config, shapes = plan(hf_model, config, weights)
     coverage = plan_coverage(hf_model, spec, config.exclude)  # refuses uncovered weights before calibration
     progress("stage", name="coverage", detail=coverage.line())
     method = get_method(config)
@@ -162,27 +164,30 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     start, done, inputs = work.next_block, {}, None
     if start:
         progress("stage", name="resume", detail=f"{start}/{len(blocks)} blocks already done in {work.path}")
-        done, extras = work.load_blocks(blocks, spec.blocks)
+        done, extras = work.load_results()
         if hasattr(method, "restore"):
             method.restore(extras)
         if calib is not None and start < len(blocks):
-            dtype_c = torch.float32 if dev.type == "cpu" else next(hf_model.parameters()).dtype
+            from qtool.pipeline import _model_dtype
+
+            dtype_c = torch.float32 if dev.type == "cpu" else _model_dtype(hf_model)
             captured = capture_inputs(hf_model, spec, calib.input_ids, config.batch_size, dev, dtype_c)
             inputs = captured.at_block(start, work.load_inputs())
 
     block_delay = float(os.environ.get("QTOOL_TEST_BLOCK_DELAY", "0"))  # lets tests interrupt mid-loop
+    pack = layer_packer(config)
 
     def checkpoint_block(index, block, prefix, named, next_hidden):
         extra = method.block_state(prefix) if hasattr(method, "block_state") else None
-        work.save_block(index, block, prefix, named, next_hidden, extra)
+        work.save_block(index, block, prefix, named, next_hidden, pack, extra)
         if block_delay:
             time.sleep(block_delay)
 
     with _stop_on_signals() as stop:
         results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev,
                                  progress, start_block=start, on_block_done=checkpoint_block, inputs=inputs,
-                                 should_stop=stop, keep_float=frozenset(shapes) - set(coverage.quantized)
-                                 ) if start < len(blocks) else {}
+                                 should_stop=stop, keep_float=frozenset(shapes) - set(coverage.quantized),
+                                 weights=weights, keep_qweights=False) if start < len(blocks) else {}
     results = {**done, **results}
     missing = sorted(set(coverage.quantized) - set(results))
     if missing:
@@ -209,14 +214,48 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         "timings_s": {"load": round(t_loaded - t_start, 2), "quantize": round(t_quant - t_loaded, 2)},
         "resumed_from_block": start,
         "model_free": {"used": False, "reason": free},
+        "streamed": {"used": weights.streamed, "reason": streamed},
     }
     if hasattr(method, "finish"):
         method.finish(output)
-    record = save_checkpoint(output, hf_model, tokenizer, folder, {n: r.qweight for n, r in results.items()},
-                             config, provenance, force=force)
+    record = save_from_blocks(output, hf_model, spec.blocks, work, lambda names: weights.rest(hf_model, names),
+                              tokenizer, folder, config, provenance, force=force)
     work.remove()
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     return {"output": str(output), **record}
+
+
+def _load_for_quantize(source, dtype: str, stream: bool | None):
+    """``(model, tokenizer, folder, weights, reason)``: a streamed skeleton
+    (``qtool.streaming``) when the source allows it and ``stream`` is not False, else the
+    whole model (``reason`` says why; ``stream=True`` then refuses)."""
+    from qtool import streaming
+    from qtool.loading import _check_weights, check_dtype, local_folder
+
+    check_dtype(dtype)
+    reason = "--no-stream" if stream is False else None
+    if reason is None and source.kind == "gguf":
+        reason = "the source is a GGUF file"
+    if reason is None:
+        folder = local_folder(source)
+        _check_weights(Path(folder))
+        reason = streaming.stream_reason(folder, dtype)
+        if reason is None:
+            try:
+                model, weights = streaming.build_skeleton(folder, dtype)
+            except streaming.NotStreamable as exc:
+                reason = str(exc)
+            except (ValueError, KeyError, OSError) as exc:  # load_model names the problem
+                log.debug("no skeleton of %s: %s", folder, exc)
+                reason = "transformers could not build the model from its config"
+            else:
+                from transformers import AutoTokenizer
+
+                return model, AutoTokenizer.from_pretrained(folder), folder, weights, "streamed"
+    if stream:
+        raise UserInputError(f"--stream: this model cannot be streamed ({reason}); drop --stream to load it whole")
+    model, tokenizer, folder = load_model(source, dtype)
+    return model, tokenizer, folder, streaming.InMemory(), reason
 
 
 def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bool, resume: bool, restart: bool,

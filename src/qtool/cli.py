@@ -187,6 +187,7 @@ def quantize(
 ) -> None:
     from qtool.api import quantize as run_quantize
     from qtool.config import QuantizeConfig
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", show_default=False, help="Read each block's weights from the safetensors shards only while it is quantized (memory of one block).  [default: auto = when the files are the same as loading the model whole]"),
 
     if resume and restart:
         raise click.exceptions.UsageError("--resume continues the interrupted run and --restart discards it: pass only one of them")
@@ -199,7 +200,7 @@ def quantize(
                             moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens, exclude=tuple(exclude or ()))
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume, restart=restart, command=_command_line(), model_free=model_free,
-                                include=tuple(include or ()))
+                                include=tuple(include or ()), stream=stream)
     result["files_written"] = _files_in(result["output"])
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "

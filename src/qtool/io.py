@@ -134,8 +134,24 @@ def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None
                     qweights: dict[str, QuantizedWeight], config, provenance: dict,
                     force: bool = False, max_shard_size: str = DEFAULT_SHARD_SIZE,
                     verify_sample: int = 8) -> dict:
-    """Write the checkpoint and return the final ``qtool.json`` content."""
+    """Write the checkpoint of an in-memory model and its quantized layers at once and
+    return the final ``qtool.json`` content (``qtool quantize`` assembles its output from
+    the work folder instead: ``save_from_blocks``, same bytes)."""
     out = check_output_path(out, force)
+    options, model_config, quant_config, to_disk, record = checkpoint_meta(model, config, provenance)
+    plain = {to_disk(k): v for k, v in _plain_state_dict(model, set(qweights)).items()}
+    qweights = {to_disk(name): qw for name, qw in qweights.items()}
+    return write_checkpoint(
+        out, plain, qweights, config.format, options, model_config, quant_config,
+        lambda folder: copy_side_files(source_folder, tokenizer, model, folder), record,
+        force=force, max_shard_size=max_shard_size, verify_sample=verify_sample,
+        card=lambda folder, rec: checkpoint_card(folder, rec, source_folder))
+
+
+def checkpoint_meta(model, config, provenance: dict) -> tuple[dict, dict, dict, Callable[[str], str], dict]:
+    """What a quantized checkpoint of ``model`` declares, before any tensor: ``(format
+    options, config.json's model part, quantization_config, model name -> name on disk,
+    the qtool.json record without shards and hashes)``."""
     options = format_options(config.format, config)
     model_config = model.config.to_dict()
     model_config.pop("_name_or_path", None)
@@ -148,17 +164,120 @@ def save_checkpoint(out: str | Path, model, tokenizer, source_folder: str | None
     to_disk = lambda key: vlm_to_disk(moe_to_disk(key))  # noqa: E731
     if config.format == "compressed-tensors" and vlm.is_vlm(model):
         quant_config = {**quant_config, "ignore": [*quant_config["ignore"], *vlm.ignore_patterns(model)]}
-    plain = {to_disk(k): v for k, v in _plain_state_dict(model, set(qweights)).items()}
-    qweights = {to_disk(name): qw for name, qw in qweights.items()}
     if "layers" in provenance:
         provenance = {**provenance, "layers": {to_disk(name): v for name, v in provenance["layers"].items()}}
     record = {"qtool_version": __version__, "format": config.format, "format_options": options,
               "config": config.to_dict(), **provenance}
-    return write_checkpoint(
-        out, plain, qweights, config.format, options, model_config, quant_config,
-        lambda folder: copy_side_files(source_folder, tokenizer, model, folder), record,
-        force=force, max_shard_size=max_shard_size, verify_sample=verify_sample,
-        card=lambda folder, rec: checkpoint_card(folder, rec, source_folder))
+    return options, model_config, quant_config, to_disk, record
+
+
+def layer_packer(config) -> Callable[[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """``pack(name, qweight)``: the layer's tensors in the output format, checked on the
+    spot: unpacked again they must give back exactly ``qweight`` (the format holds what
+    the method produced), else ``FormatError``; a layer the format cannot hold raises
+    ``UnsupportedError`` naming it."""
+    fmt = get_format(config.format)
+    options = format_options(config.format, config)
+
+    def pack(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        try:
+            packed = {suffix: t.contiguous() for suffix, t in fmt.pack(qw, **options).items()}
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{name}: {exc}") from None
+        layer = {s: packed[s] for s in fmt.TENSOR_SUFFIXES if s in packed}
+        if qw.bias is not None and "bias" in packed:
+            layer["bias"] = packed["bias"]
+        back = fmt.unpack(layer, bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+                          out_features=qw.shape[0], in_features=qw.shape[1], **options)
+        if not torch.equal(back.dequantize(), qw.dequantize()):
+            raise FormatError(f"verification failed: {name} packed in {fmt.NAME} does not unpack to the quantized "
+                              "result; please report this model and options")
+        return packed
+
+    return pack
+
+
+def plain_keys(model, quantized: set[str]) -> list[str]:
+    """Names of the tensors a checkpoint stores unchanged, in the model's order: every
+    entry of ``model.state_dict()`` but the quantized linears' (full module names in
+    ``quantized``) and a tied lm_head (the embedding carries it). Works on a model whose
+    parameters are on the meta device."""
+    in_emb = model.get_input_embeddings()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out_emb is not None and (
+        out_emb.weight is in_emb.weight
+        or (not in_emb.weight.is_meta and out_emb.weight.data_ptr() == in_emb.weight.data_ptr()))
+    keys = []
+    for key in model.state_dict(keep_vars=True):
+        if key.rsplit(".", 1)[0] in quantized:
+            continue
+        if tied and key.endswith("lm_head.weight"):
+            continue
+        keys.append(key)
+    return keys
+
+
+def save_from_blocks(out: str | Path, model, blocks_prefix: str, work, rest: Callable[[list[str]], dict[str, torch.Tensor]],
+                     tokenizer, source_folder: str | None, config, provenance: dict, *, force: bool = False,
+                     max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
+    """Write the checkpoint of a run whose blocks are all committed in ``work``
+    (``qtool.resume.WorkDir``): block ``i``'s float parameters and packed layers are copied
+    from its block file, the other tensors (embeddings, final norm, head) come from
+    ``rest(names)`` (model names -> tensors) and are spilled to the work folder first, so
+    at most those tensors are in memory. The files are byte for byte those of
+    ``save_checkpoint`` with the same layers (same tensor order, shard split and layout);
+    every written tensor is read back and compared with its source bytes. Returns the
+    ``qtool.json`` content."""
+    from qtool.resume import BLOCK_FILE
+    from qtool.tensorfiles import read_header, verify_shards
+
+    out = check_output_path(out, force)
+    options, model_config, quant_config, to_disk, record = checkpoint_meta(model, config, provenance)
+    layers: dict[str, tuple[int, dict]] = {}
+    files: dict[int, dict] = {}
+    for index in range(work.next_block):
+        names, _ = work.block_meta(index)
+        files[index] = read_header(work.block_dir(index) / BLOCK_FILE)
+        layers.update({name: (index, info) for name, info in names.items()})
+    quantized = set(layers)
+    keys = plain_keys(model, quantized)
+    block_of = lambda key: int(key[len(blocks_prefix) + 1 :].split(".", 1)[0])  # noqa: E731
+    in_block = lambda key: key.startswith(blocks_prefix + ".")  # noqa: E731
+    others = [k for k in keys if not in_block(k)]
+    rest_path = work.path / "rest.safetensors"
+    tensors = rest(others)
+    save_file({k: tensors[k].detach().contiguous() for k in others}, str(rest_path))
+    del tensors
+    rest_entries = read_header(rest_path)
+    entries = {}
+    for key in keys:
+        if in_block(key):
+            index = block_of(key)
+            entries[to_disk(key)] = files[index][f"param.{key[len(f'{blocks_prefix}.{index}') + 1 :]}"]
+        else:
+            entries[to_disk(key)] = rest_entries[key]
+    for name in sorted(quantized, key=to_disk):
+        index, info = layers[name]
+        for suffix in info["suffixes"]:
+            entries[f"{to_disk(name)}.{suffix}"] = files[index][f"packed.{name}.{suffix}"]
+    tmp = temp_folder(out)
+    try:
+        shards, _ = _write_entries(entries, tmp, max_shard_size)
+        write_config(tmp, model_config, quant_config)
+        copy_side_files(source_folder, tokenizer, model, tmp)
+        verify_shards(tmp, entries, out)
+        return commit_checkpoint(tmp, out, record, shards,
+                                 lambda folder, rec: checkpoint_card(folder, rec, source_folder))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_entries(entries, folder: Path, max_shard_size: str):
+    """The shards of byte-range ``entries`` (``qtool.tensorfiles.write_shards``)."""
+    from qtool.tensorfiles import write_shards
+
+    return write_shards(entries, folder, max_shard_size)
 
 
 def write_checkpoint(out: str | Path, plain: dict[str, torch.Tensor], qweights: dict[str, QuantizedWeight],

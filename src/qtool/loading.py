@@ -203,6 +203,11 @@ def skeleton_model(source: ModelSource):
         return None
 
 
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserInputError(f"--dtype {dtype} is not supported: use auto, float16, bfloat16 or float32")
+
+
 def load_model(source: ModelSource, dtype: str = "auto"):
     """Load (model, tokenizer, folder) on CPU in eval mode. ``folder`` is the local HF
     folder the weights came from (None for a GGUF file).
@@ -211,8 +216,7 @@ def load_model(source: ModelSource, dtype: str = "auto"):
     without allocating twice. ``dtype='auto'`` keeps the checkpoint's dtype."""
     from transformers import AutoTokenizer
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UserInputError(f"--dtype {dtype} is not supported: use auto, float16, bfloat16 or float32")
+    check_dtype(dtype)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     folder = local_folder(source)
     if folder is None:

@@ -36,7 +36,7 @@ def _no_progress(event: str, **info: Any) -> None:
 class LayerResult:
     """What a method returns for one linear: the quantized form and numbers to report."""
 
-    qweight: QuantizedWeight
+    qweight: QuantizedWeight | None  # None once committed to the work folder (stats only)
     stats: dict = field(default_factory=dict)
 
 
@@ -297,7 +297,8 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
                    on_block_done: Callable[[int, nn.Module, str, dict, list | None], None] | None = None,
                    inputs: BlockInputs | None = None,
                    should_stop: Callable[[], bool] = lambda: False,
-                   keep_float: frozenset[str] = frozenset()) -> dict[str, LayerResult]:
+                   keep_float: frozenset[str] = frozenset(), weights=None,
+                   keep_qweights: bool = True) -> dict[str, LayerResult]:
     """Quantize every block of ``model`` in place (weights are replaced by their
     dequantized quantized values) and return the results by full module name.
     Linears named in ``keep_float`` (full names, ``--exclude``) stay in float (with any
@@ -306,9 +307,17 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
     ``start_block``/``inputs`` resume from a saved state (``inputs`` then holds the
     inputs of block ``start_block``); ``on_block_done(i, block, prefix, results,
     next_hidden)`` is called after each block (the resume checkpoint hook), and
-    ``should_stop()`` is asked after it: True raises ``Interrupted``."""
+    ``should_stop()`` is asked after it: True raises ``Interrupted``.
+
+    ``weights`` (``qtool.streaming``) loads each block's parameters before it is worked on
+    and releases them after ``on_block_done`` (default: the model is loaded whole);
+    without ``keep_qweights`` the results keep their stats only (the quantized layers
+    were committed by ``on_block_done``), so nothing of a finished block stays in memory."""
+    from qtool.streaming import InMemory
+
+    weights = InMemory() if weights is None else weights
     blocks = get_blocks(model, spec)
-    compute_dtype = torch.float32 if device.type == "cpu" else next(model.parameters()).dtype
+    compute_dtype = torch.float32 if device.type == "cpu" else _model_dtype(model)
     if method.needs_calibration and inputs is None:
         assert input_ids is not None and start_block == 0
         progress("capture", total=len(input_ids))
@@ -319,6 +328,7 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
         t0 = time.perf_counter()
         block = blocks[i]
         prefix = f"{spec.blocks}.{i}"
+        weights.load(block, prefix)
         for name in spec.linears:
             check_finite(f"{prefix}.{name}", block.get_submodule(name).weight)
         original_dtype = next(block.parameters()).dtype
@@ -340,6 +350,9 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
             on_block_done(i, block, prefix, named, inputs.hidden if inputs is not None and i + 1 < len(blocks) else None)
         progress("block", index=i, total=len(blocks), seconds=time.perf_counter() - t0,
                  layers={n: r.stats for n, r in named.items()})
+        weights.release(block)
+        if not keep_qweights:
+            results.update({n: LayerResult(None, r.stats) for n, r in named.items()})
         if should_stop() and i + 1 < len(blocks):
             raise Interrupted(f"interrupted after block {i + 1}/{len(blocks)}; progress is saved: rerun the same "
                               "command with --resume to continue")
@@ -348,5 +361,10 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
 
 class Interrupted(QtoolError):
     """The user stopped the run (SIGINT/SIGTERM) at a block boundary; work was saved."""
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating parameters (a streamed skeleton's are on meta but typed)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 
     exit_code = 130

@@ -6,8 +6,9 @@ Layout of ``<output>.qtool-work/``:
   files, calibration tokens, options); ``--resume`` refuses a folder whose fingerprint
   differs.
 - ``block-NNNN/``: finished block N, complete or absent:
-  - ``block.safetensors``: the canonical quantized tensors of every linear of the block
-    plus its other parameters (norms that AWQ rescaled), with stats as metadata;
+  - ``block.safetensors``: every linear of the block packed in the output format, plus
+    the block's other parameters (norms that AWQ rescaled), with stats as metadata: the
+    output checkpoint is assembled from these files at the end (``qtool.io.save_from_blocks``);
   - ``inputs.safetensors``: the inputs of block N+1 (float chunks), kept only in the
     newest block's folder; absent after the last block and for methods without
     calibration.
@@ -20,9 +21,9 @@ leaves either the state before a commit or the one after it; temporary folders l
 kill are never read and are discarded when their name is next used. The work folder itself
 is created with its fingerprint and removed the same way, by one rename each.
 
-``commit_folder`` (files into a temporary folder, then one rename) knows nothing of what the
-files hold: writing the output block by block as it is quantized can commit each block's
-packed tensors through it, so resuming and streaming share one mechanism.
+Resuming and writing as you go are one mechanism: a finished block is committed once, in
+its final packed form, and is never held in memory again; the output shards are copied
+from the block files (and the model's other tensors) one tensor at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from qtool.io import overlap
 from qtool.qtensor import QuantizedWeight
 from qtool.textfiles import sha256_file
 
-LAYOUT = 2  # work-folder layout version (1: block files + inputs + state.json), fingerprinted
+LAYOUT = 3  # work-folder layout (1: block files + inputs + state.json; 2: no state file; 3: packed tensors), fingerprinted
 FINGERPRINT = "fingerprint.json"
 BLOCK_FILE = "block.safetensors"
 INPUTS = "inputs.safetensors"
@@ -201,9 +202,16 @@ class WorkDir:
                 stale.unlink()
 
     def save_block(self, index: int, block: torch.nn.Module, prefix: str, results: dict,
-                   next_inputs: list[torch.Tensor] | None, extra: dict | None = None) -> None:
+                   next_inputs: list[torch.Tensor] | None,
+                   pack: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]], extra: dict | None = None) -> None:
         """Record finished block ``index`` (``results``: full name -> LayerResult) with the
-        inputs of the next block, in one commit."""
+        inputs of the next block, in one commit.
+
+        The block file holds what the checkpoint will hold: the block's float parameters
+        (``param.NAME``, relative names) and every layer packed in the output format
+        (``pack(name, qweight)`` -> tensors by suffix, ``packed.NAME.SUFFIX``; the suffix
+        order is kept in the metadata), so the output is assembled from these files
+        (``qtool.io.save_from_blocks``) and nothing of a finished block stays in memory."""
         tensors: dict[str, torch.Tensor] = {}
         quantized = {name[len(prefix) + 1 :] for name in results}
         for pname, param in block.state_dict().items():
@@ -213,39 +221,39 @@ class WorkDir:
         layers = {}
         for name, res in results.items():
             qw: QuantizedWeight = res.qweight
-            for key, t in qw.tensors().items():
-                tensors[f"q.{name}.{key}"] = t
-            layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym, "stats": res.stats}
+            info = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym, "shape": list(qw.shape),
+                    "stats": res.stats}
+            packed = pack(name, qw)
+            for suffix, t in packed.items():
+                tensors[f"packed.{name}.{suffix}"] = t
+            info["suffixes"] = list(packed)
+            layers[name] = info
         meta = {"layers": json.dumps(layers, sort_keys=True), "extra": json.dumps(extra or {}, sort_keys=True)}
         files = {BLOCK_FILE: (tensors, meta)}
         if next_inputs is not None:
             files[INPUTS] = ({f"hidden.{i}": h for i, h in enumerate(next_inputs)}, {})
         self.commit_block(index, files)
 
-    def load_blocks(self, blocks: torch.nn.ModuleList, spec_blocks: str) -> tuple[dict, dict]:
-        """Restore every finished block into ``blocks`` (parameters and dequantized
-        weights) and return ``(results by full name, extra by block index)``."""
+    def block_meta(self, index: int) -> tuple[dict, dict]:
+        """``(layers, extra)`` of finished block ``index``: per layer its bits, group
+        size, symmetry, shape, stats and packed suffixes; the method's saved state."""
         from safetensors import safe_open
 
+        with safe_open(str(self.block_dir(index) / BLOCK_FILE), framework="pt") as handle:
+            meta = handle.metadata()
+        return json.loads(meta["layers"]), json.loads(meta["extra"])
+
+    def load_results(self) -> tuple[dict, dict]:
+        """``(results by full name, extra by block index)`` of the finished blocks, from
+        their metadata alone: each ``LayerResult`` has the layer's stats and no weights
+        (the packed tensors stay on disk until the output is assembled)."""
         from qtool.pipeline import LayerResult
 
         results, extras = {}, {}
         for index in range(self.next_block):
-            path = self.block_dir(index) / BLOCK_FILE
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata()
-            tensors = load_file(str(path))
-            layers = json.loads(meta["layers"])
-            extras[index] = json.loads(meta["extra"])
-            block = blocks[index]
-            params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
-            block.load_state_dict(params, strict=False)
+            layers, extras[index] = self.block_meta(index)
             for name, info in layers.items():
-                fields = {key: tensors.get(f"q.{name}.{key}") for key in ("codes", "scales", "zeros", "g_idx", "bias")}
-                qw = QuantizedWeight(bits=info["bits"], group_size=info["group_size"], sym=info["sym"], **fields)
-                lin = block.get_submodule(name[len(f"{spec_blocks}.{index}") + 1 :])
-                lin.weight.data = qw.dequantize(torch.float32).to(lin.weight.dtype)
-                results[name] = LayerResult(qw, info["stats"])
+                results[name] = LayerResult(None, info["stats"])
         return results, extras
 
     def load_inputs(self) -> list[torch.Tensor]:

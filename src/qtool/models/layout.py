@@ -73,9 +73,13 @@ def probe_tokens(vocab_size: int, num_tokens: int = PROBE_TOKENS) -> torch.Tenso
     return torch.randint(0, vocab_size, (1, num_tokens), generator=torch.Generator().manual_seed(PROBE_SEED))
 
 
-def probe_blocks(model: nn.Module, spec: ArchSpec, num_tokens: int = PROBE_TOKENS) -> Iterator[BlockProbe]:
+def probe_blocks(model: nn.Module, spec: ArchSpec, num_tokens: int = PROBE_TOKENS, weights=None) -> Iterator[BlockProbe]:
     """Yield a ``BlockProbe`` per block, in order; block ``i + 1`` reads block ``i``'s
-    float32 output. Only one block copy is alive at a time."""
+    float32 output. Only one block copy is alive at a time; ``weights``
+    (``qtool.streaming``) loads a streamed model's block for the time of its copy."""
+    from qtool.streaming import InMemory
+
+    weights = InMemory() if weights is None else weights
     from qtool.pipeline import _to, capture_inputs
 
     ids = probe_tokens(model.get_input_embeddings().num_embeddings, num_tokens)
@@ -84,7 +88,9 @@ def probe_blocks(model: nn.Module, spec: ArchSpec, num_tokens: int = PROBE_TOKEN
     hidden = captured.hidden[0]
     for i, block in enumerate(get_blocks(model, spec)):
         kwargs = _to(captured.block_kwargs[i][0], "cpu", torch.float32)
-        probe = _trace(copy.deepcopy(block).float(), i, f"{spec.blocks}.{i}", spec, (hidden,), kwargs)
+        with weights.loaded(block, f"{spec.blocks}.{i}"):
+            twin = copy.deepcopy(block).float()
+        probe = _trace(twin, i, f"{spec.blocks}.{i}", spec, (hidden,), kwargs)
         yield probe
         hidden = probe.output
 

@@ -1,0 +1,197 @@
+"""Streaming: the model's module tree without its weights, each decoder block's tensors
+read from the source's safetensors shards only while that block is worked on.
+
+``Weights`` is what the pipeline asks for a block's parameters: ``InMemory`` (the model
+was loaded whole: nothing to do) or ``Streamed`` (a skeleton whose parameters are on the
+meta device; ``load`` reads a block's tensors, ``release`` puts them back on meta). With
+streaming, the float weights in memory at any moment are the embeddings (the model's
+other non-block tensors are read only when the output is written) and one block, so peak
+memory does not grow with the number of blocks; the output is assembled from the work
+folder's block files (``qtool.io.save_from_blocks``).
+
+When is it used (``stream_plan``): a safetensors source (a local folder, a hub snapshot,
+the built-in model's cached folder) whose tensor names are exactly the model's, whose
+float tensors all have the dtype the model loads in, and whose family keeps no module in
+float32 of its own and has no vision tower: then every tensor a block gets is the one
+``from_pretrained`` would give it, bit for bit (``tests/test_streaming.py``), and the
+checkpoint is byte-identical to the in-memory path's. Otherwise the model is loaded
+whole, and ``qtool.json`` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtool.errors import NumericsError, UserInputError
+from qtool.tensorfiles import ByteRange, source_tensors
+
+log = logging.getLogger(__name__)
+
+
+class InMemory:
+    """The model's weights are all loaded: loading and releasing a block do nothing."""
+
+    streamed = False
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        pass
+
+    def release(self, module: nn.Module) -> None:
+        pass
+
+    @contextmanager
+    def loaded(self, module: nn.Module, prefix: str):
+        yield module
+
+    def rest(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        state = model.state_dict()
+        return {n: state[n] for n in names}
+
+
+class Streamed:
+    """Parameters of a meta-device skeleton, read on demand from safetensors shards.
+
+    ``entries``: every source tensor by name (``qtool.tensorfiles.source_tensors``);
+    ``dtype``: the dtype floats are loaded in (what ``from_pretrained`` would give)."""
+
+    streamed = True
+
+    def __init__(self, entries: dict[str, ByteRange], dtype: torch.dtype):
+        self.entries, self.dtype = entries, dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Source tensor ``name``, in the load dtype when it is a float."""
+        from safetensors import safe_open
+
+        entry = self.entries[name]
+        with safe_open(str(entry.path), framework="pt") as handle:
+            t = handle.get_tensor(name)
+        if t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericsError(f"{name} has NaN or inf weights: the model is corrupt or overflowed; check the "
+                                "source weights")
+        return t
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        """Give every parameter (and persistent buffer) of ``module``, named ``prefix.NAME``
+        in the source, its tensor."""
+        for name, _ in list(module.named_parameters()):
+            owner, leaf = _owner(module, name)
+            owner._parameters[leaf] = nn.Parameter(self.tensor(f"{prefix}.{name}"), requires_grad=False)
+        for name in list(module.state_dict(keep_vars=True)):
+            owner, leaf = _owner(module, name)
+            if leaf in owner._buffers and owner._buffers[leaf] is not None and owner._buffers[leaf].is_meta:
+                owner._buffers[leaf] = self.tensor(f"{prefix}.{name}")
+
+    def release(self, module: nn.Module) -> None:
+        """Put every parameter of ``module`` back on the meta device (its memory is freed)."""
+        for name, param in list(module.named_parameters()):
+            owner, leaf = _owner(module, name)
+            owner._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                   requires_grad=False)
+
+    @contextmanager
+    def loaded(self, module: nn.Module, prefix: str):
+        self.load(module, prefix)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+    def rest(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self.tensor(n) for n in names}
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
+def stream_reason(folder: str | None, dtype: str) -> str | None:
+    """Why this source cannot be streamed (None: it can), from its files alone."""
+    from qtool.model_free import _config_dtype
+
+    if folder is None:
+        return "the source is a GGUF file"
+    folder_path = Path(folder)
+    if not list(folder_path.glob("*.safetensors")):
+        return "the source has no safetensors shards"
+    raw = json.loads((folder_path / "config.json").read_text())
+    target = _config_dtype(raw, source_tensors(folder_path), dtype)
+    if target is None:
+        return "the source mixes float dtypes and its config names none"
+    return None
+
+
+def build_skeleton(folder: str, dtype: str):
+    """``(model, Streamed)``: the model of ``folder`` with its parameters on the meta
+    device (buffers such as rotary tables are computed as usual) and its non-block
+    embeddings loaded. Raises ``NotStreamable`` when the result could differ from
+    ``from_pretrained``'s."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from qtool.model_free import _config_dtype
+    from qtool.models import get_blocks, spec_for
+    from qtool.models.vlm import auto_model_class
+
+    folder_path = Path(folder)
+    entries = source_tensors(folder_path)
+    raw = json.loads((folder_path / "config.json").read_text())
+    target = _config_dtype(raw, entries, dtype)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = auto_model_class(config).from_config(config, dtype=target)
+    model.eval()
+    spec = spec_for(model)
+    if getattr(spec, "float_modules", ()):
+        raise NotStreamable("the model has a vision tower (loaded whole)")
+    if getattr(model, "_keep_in_fp32_modules", None):
+        raise NotStreamable("the family keeps modules in float32 on load")
+    if any(e.dtype.is_floating_point and e.dtype != target for e in entries.values()):
+        raise NotStreamable(f"some source tensors are not {target} (transformers would cast them on load)")
+    keys = set(model.state_dict())
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    on_disk = set(entries) - ({"lm_head.weight"} if tied else set())
+    expected = keys - ({"lm_head.weight"} if tied else set())
+    if expected != on_disk:
+        odd = sorted(expected ^ on_disk)
+        raise NotStreamable(f"the source's tensor names differ from the model's (e.g. {odd[0]})")
+    weights = Streamed(entries, target)
+    # what runs before the first block (embeddings, a VLM-free model's other non-block
+    # modules) is loaded now; the blocks when they are worked on; the head at the end
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(m) for m in get_blocks(model, spec)} | ({id(head)} if head is not None else set())
+    for name, module in model.named_modules():
+        if id(module) in skip or any(id(m) in skip for m in _ancestors(model, name)):
+            continue
+        for pname, _ in list(module.named_parameters(recurse=False)):
+            owner, leaf = module, pname
+            owner._parameters[leaf] = nn.Parameter(weights.tensor(f"{name}.{pname}" if name else pname),
+                                                   requires_grad=False)
+    if tied:
+        head.weight = model.get_input_embeddings().weight
+    return model, weights
+
+
+def _ancestors(model: nn.Module, name: str):
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        yield model.get_submodule(".".join(parts[:i]))
+
+
+class NotStreamable(UserInputError):
+    """Streaming would not give the in-memory path's result (the message says why)."""
+
+
+def check_blocks_loaded(module: nn.Module) -> None:
+    """Internal invariant: no parameter of ``module`` is still on the meta device."""
+    meta = [n for n, p in module.named_parameters() if p.is_meta]
+    assert not meta, f"parameters not loaded: {meta[:3]}"
