@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from qtool import __version__
-from qtool.config import QuantizeConfig, resolve_awq_search_tokens
+from qtool.config import AWQ_METHODS, QuantizeConfig, resolve_awq_search_tokens
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import check_output_path, load_quantized_model, read_qtool_json, sha256_file
 from qtool.loading import load_model, resolve, skeleton_model, source_paths
@@ -86,7 +86,7 @@ def plan(model, config: QuantizeConfig, weights=None) -> tuple[Any, QuantizeConf
 
 def prove_layout(model, spec, method: str, weights=None) -> None:
     """Run every block once on a few tokens: the family file must describe the real
-    execution (``qtool.models.layout``) and, for AWQ, every fold must keep the float
+    execution (``qtool.models.layout``) and, for AWQ (and awq-gptq), every fold must keep the float
     block's output (``qtool.awq.prove``); otherwise a one-line ``UnsupportedError``."""
     from qtool.awq.prove import prove_folds
     from qtool.models.layout import check_execution, probe_blocks
@@ -94,7 +94,7 @@ def prove_layout(model, spec, method: str, weights=None) -> None:
     t0, proofs = time.perf_counter(), []
     for probe in probe_blocks(model, spec, weights=weights):
         check_execution(spec, probe)
-        if method == "awq":
+        if method in AWQ_METHODS:
             proofs += prove_folds(spec, probe)
     log.info("layout of %s checked%s in %.2fs", spec.name,
              f", {len(proofs)} AWQ folds proven (worst {max(p.rel_error for p in proofs):.1e})" if proofs else "",

@@ -270,13 +270,17 @@ def _what_was_done(record: dict) -> list[str]:
     cfg = record.get("config") or {}
     method = str(cfg.get("method", "unknown"))
     group = cfg.get("group_size")
-    extra = ""
-    if method == "gptq":
-        extra = (f" (true-sequential {'on' if cfg.get('true_sequential') else 'off'}, damp {cfg.get('damp')}, "
-                 f"block size {cfg.get('block_size')})")
-    elif method == "awq":
-        extra = (f" (scale grid {cfg.get('awq_grid')}, clipping search {'on' if cfg.get('awq_clip') else 'off'}, "
-                 f"{cfg.get('awq_search_tokens') or 'auto'} search tokens)")
+    parts = []
+    if method in ("awq", "awq-gptq"):
+        parts.append(f"scale grid {cfg.get('awq_grid')}, clipping search {'on' if cfg.get('awq_clip') else 'off'}, "
+                     f"{cfg.get('awq_search_tokens') or 'auto'} search tokens")
+    if method in ("gptq", "awq-gptq"):
+        parts.append(f"true-sequential {'on' if cfg.get('true_sequential') else 'off'}, damp {cfg.get('damp')}, "
+                     f"block size {cfg.get('block_size')}")
+    if cfg.get("scale_search") == "mse":
+        parts.append(f"group ranges by MSE search over {cfg.get('scale_grid')} shrinks down to "
+                     f"{1 - cfg.get('scale_max_shrink'):g}")
+    extra = f" ({'; '.join(parts)})" if parts else ""
     options = record.get("format_options") or {}
     rows = [("method", f"{method.upper()}{extra}"),
             ("bits", f"{cfg.get('bits')} (integer weights; activations stay in float)"),

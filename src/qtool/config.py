@@ -14,7 +14,10 @@ from pathlib import Path
 from qtool.errors import UserInputError
 
 CONFIG_VERSION = 1
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")
+GPTQ_METHODS = ("gptq", "awq-gptq")  # quantize with the GPTQ solver (act-order, damp, ...)
+AWQ_METHODS = ("awq", "awq-gptq")  # search and fold AWQ scales first (proven folds, --awq-* options)
+SCALE_SEARCHES = ("minmax", "mse")
 GROUP_SIZE_CANDIDATES = (128, 64, 32)
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
@@ -26,7 +29,11 @@ class QuantizeConfig:
 
     ``group_size=0`` means "auto": resolved by ``resolve_group_size`` to the largest of
     128/64/32 that divides every quantized layer's in_features. ``sym=None`` means the
-    method's default (symmetric for rtn/gptq, asymmetric for awq).
+    method's default (symmetric for rtn/gptq, asymmetric for awq/awq-gptq).
+
+    ``scale_search`` picks each group's range: ``"minmax"``, or ``"mse"``: the min-max
+    range shrunk by the ratio of ``1, 1 - max_shrink / grid, ..., 1 - max_shrink`` that
+    reproduces the group best (``qtool.rtn.mse_qparams``; RTN and the GPTQ solver).
 
     GPTQ act-order has three kinds (``act_order_kind``): ``"dynamic"`` (columns by
     decreasing Hessian diagonal, groups formed in that order: a non-monotone ``g_idx``),
@@ -56,6 +63,10 @@ class QuantizeConfig:
     true_sequential: bool = True
     damp: float = 0.01
     block_size: int = 128
+    # group ranges (rtn, gptq, awq-gptq): min-max, or the MSE-best shrink on a grid
+    scale_search: str = "minmax"
+    scale_grid: int = 25
+    scale_max_shrink: float = 0.25
     # AWQ
     awq_grid: int = 20
     awq_clip: bool = True
@@ -95,8 +106,17 @@ class QuantizeConfig:
             raise UserInputError("--awq-grid must be >= 1")
         if self.awq_search_tokens < 0:
             raise UserInputError("--awq-search-tokens must be >= 1 (or 0 for auto)")
-        if self.awq_search_tokens and self.method != "awq":
-            raise UserInputError("--awq-search-tokens only applies to --method awq")
+        if self.awq_search_tokens and self.method not in AWQ_METHODS:
+            raise UserInputError("--awq-search-tokens only applies to --method awq or awq-gptq")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise UserInputError(f"unknown --scale-search '{self.scale_search}': use minmax or mse")
+        if self.scale_grid < 1 or not 0 < self.scale_max_shrink < 1:
+            raise UserInputError("--scale-grid must be >= 1 and --scale-max-shrink in (0, 1); 25 and 0.25 are the defaults")
+        if self.scale_search == "mse" and self.method == "awq":
+            raise UserInputError("--scale-search mse does not apply to --method awq (its clip search already shrinks "
+                                 "each group's range): use --method awq-gptq or gptq with it, or drop it")
+        if self.scale_search != "mse" and (self.scale_grid, self.scale_max_shrink) != (25, 0.25):
+            raise UserInputError("--scale-grid/--scale-max-shrink only apply with --scale-search mse")
         if (self.awq_save_search or self.awq_load_search) and self.method != "awq":
             raise UserInputError("--save-search/--load-search only apply to --method awq")
         if self.awq_load_search and not Path(self.awq_load_search).is_file():
@@ -105,30 +125,30 @@ class QuantizeConfig:
             raise UserInputError("--moe-min-tokens must be >= 1")
         if self.moe_low_tokens not in ("all-experts", "rtn"):
             raise UserInputError(f"unknown --moe-low-tokens '{self.moe_low_tokens}': use all-experts or rtn")
-        if self.static_groups and self.method != "gptq":
-            raise UserInputError("--static-groups only applies to --method gptq")
+        if self.static_groups and self.method not in GPTQ_METHODS:
+            raise UserInputError("--static-groups only applies to --method gptq or awq-gptq")
         if self.static_groups is None:
             object.__setattr__(self, "_auto_groups", True)
-            object.__setattr__(self, "static_groups", self.method == "gptq" and self.act_order
+            object.__setattr__(self, "static_groups", self.method in GPTQ_METHODS and self.act_order
                                and _format_act_order(self.format) == "static")
 
     @property
     def symmetric(self) -> bool:
         if self.sym is not None:
             return self.sym
-        return self.method != "awq"
+        return self.method not in AWQ_METHODS
 
     @property
     def uses_act_order(self) -> bool:
         """Whether the checkpoint carries a non-trivial g_idx (GPTQ act-order without
         static groups, and only with more than one group)."""
-        return self.method == "gptq" and self.act_order and not self.static_groups and self.group_size != -1
+        return self.method in GPTQ_METHODS and self.act_order and not self.static_groups and self.group_size != -1
 
     @property
     def act_order_kind(self) -> str:
         """``"dynamic"``, ``"static"`` or ``"off"`` (see the class docstring); ``"off"`` for
         methods other than GPTQ."""
-        if self.method != "gptq" or not self.act_order:
+        if self.method not in GPTQ_METHODS or not self.act_order:
             return "off"
         return "static" if self.static_groups else "dynamic"
 
@@ -172,7 +192,7 @@ def resolve_awq_search_tokens(config: QuantizeConfig, in_features: dict[str, int
     when fewer tokens than ``k`` are available the method regularises the Gram matrix
     (``qtool.awq.stats.regularised_gram``). Other methods keep 0.
     """
-    if config.method != "awq" or config.awq_search_tokens:
+    if config.method not in AWQ_METHODS or config.awq_search_tokens:
         return config
     return config.replace(awq_search_tokens=max(AWQ_MIN_SEARCH_TOKENS, 2 * max(in_features.values(), default=0)))
 

@@ -19,7 +19,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from qtool.config import GROUP_SIZE_CANDIDATES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizeConfig, resolve_group_size
+from qtool.config import (GPTQ_METHODS, GROUP_SIZE_CANDIDATES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizeConfig,
+                          resolve_group_size)
 from qtool.errors import QtoolError, UnsupportedError, UserInputError
 from qtool.io import format_options
 from qtool.pack import FORMATS, get_format
@@ -123,7 +124,7 @@ def _moves(config: QuantizeConfig) -> list[list[tuple[str, dict]]]:
               if g in SUPPORTED_GROUP_SIZES and g != config.group_size]
     sym = [("--asym", {"sym": False}) if config.symmetric else ("--sym", {"sym": True})]
     order = []
-    if config.method == "gptq" and config.act_order and not config.static_groups:
+    if config.method in GPTQ_METHODS and config.act_order and not config.static_groups:
         order = [("--no-act-order", {"act_order": False}), ("--static-groups", {"static_groups": True})]
     bits = [(f"--bits {b}", {"bits": b}) for b in SUPPORTED_BITS if b != config.bits]
     return [slot for slot in (groups, sym, order, bits) if slot]
@@ -245,7 +246,7 @@ def requantize_note(to: str, method: str, bits: int, group_size: int, sym: bool,
     that would write ``to`` for a model with these layer shapes, or why none would."""
     # a checkpoint's act-order is the dynamic kind (it carries a g_idx); static groups leave none
     config = QuantizeConfig(method=method, bits=bits, group_size=group_size, sym=sym, format=to,
-                            act_order=act_order and method == "gptq", static_groups=False)
+                            act_order=act_order and method in GPTQ_METHODS, static_groups=False)
     problem = plan_problem(config, shapes)
     if problem is None:  # the options fit: what stopped the conversion is in the data, not the options
         return ""
@@ -261,7 +262,7 @@ def _command_flags(config: QuantizeConfig) -> str:
     quantization (nothing left to a default that depends on other options)."""
     flags = [f"--method {config.method}", f"--format {config.format}", f"--bits {config.bits}",
              f"--group-size {config.group_size}", "--sym" if config.symmetric else "--asym"]
-    if config.method == "gptq":
+    if config.method in GPTQ_METHODS:
         flags.append("--act-order" if config.act_order else "--no-act-order")
         if config.act_order:
             flags.append("--static-groups" if config.static_groups else "--dynamic-groups")

@@ -21,4 +21,8 @@ def get_method(config: QuantizeConfig):
 
         return AWQMethod(load_search=load_search(config.awq_load_search) if config.awq_load_search else None,
                          search_tokens=config.awq_search_tokens or AWQ_MIN_SEARCH_TOKENS)
+    if config.method == "awq-gptq":
+        from qtool.awq_gptq import AWQGPTQMethod
+
+        return AWQGPTQMethod(search_tokens=config.awq_search_tokens or AWQ_MIN_SEARCH_TOKENS)
     raise UserInputError(f"unknown method {config.method}")

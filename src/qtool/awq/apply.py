@@ -72,3 +72,21 @@ def fold_scales(prev: nn.Module, consumers: Sequence[nn.Linear], scales: torch.T
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.dtype))
+
+
+def clamp_to_clip(linear: nn.Linear, clip_max: torch.Tensor, group_size: int) -> None:
+    """Clamp ``linear``'s weight in place to AWQ's clip bounds (llm-awq's ``apply_clip``),
+    for a solver that quantizes the clipped weight itself (``qtool.awq_gptq``).
+
+    Args:
+        linear: weight ``[n, k]``.
+        clip_max: float ``[n, G]`` absolute bound per row and contiguous group
+            (``search_clip``); ``G = k / group_size`` (1 for ``group_size == -1``).
+    """
+    w = linear.weight
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    with torch.no_grad():
+        bound = clip_max.to(w.device, torch.float32).unsqueeze(-1)  # [n, G, 1]
+        grouped = w.float().reshape(n, k // g, g)  # [n, G, g]
+        _set(w, torch.maximum(torch.minimum(grouped, bound), -bound).reshape(n, k))

@@ -81,8 +81,7 @@ class AWQMethod:
                 self.search_results[kind].update(part[kind])
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]:
-        groups = [g for g in ctx.spec.scale_groups if g.applies_to(ctx.block)]
-        plan = self._search(ctx, groups) if self.load_search is None else self._apply_loaded(ctx, groups)
+        plan = self.prepare_block(ctx)
         cfg = ctx.config
         out: dict[str, LayerResult] = {}
         for name in ctx.spec.linears:
@@ -102,7 +101,14 @@ class AWQMethod:
             out[name] = LayerResult(qw, info)
         return out
 
-    def _search(self, ctx: BlockContext, groups: list[ScaleGroup]) -> _BlockPlan:
+    def prepare_block(self, ctx: BlockContext) -> BlockPlan:
+        """Steps 1-3 of the module docstring (or the loaded search): the block's scales are
+        folded into it in place (its float function unchanged); returns what quantizing its
+        linears needs. ``qtool.awq_gptq`` runs GPTQ on the folded block instead of RTN."""
+        groups = [g for g in ctx.spec.scale_groups if g.applies_to(ctx.block)]
+        return self._search(ctx, groups) if self.load_search is None else self._apply_loaded(ctx, groups)
+
+    def _search(self, ctx: BlockContext, groups: list[ScaleGroup]) -> BlockPlan:
         """Statistics pass, scale search and fold per group, clip search per linear."""
         cfg = ctx.config
         source_of = _source_of(ctx)
@@ -154,9 +160,9 @@ class AWQMethod:
                 entry["seconds"] += time.perf_counter() - t0
         for entry in layer_stats.values():
             entry["seconds"] = round(entry["seconds"], 3)
-        return _BlockPlan(clip_max, layer_stats, {name: grams[src] for name, src in source_of.items()})
+        return BlockPlan(clip_max, layer_stats, {name: grams[src] for name, src in source_of.items()})
 
-    def _apply_loaded(self, ctx: BlockContext, groups: list[ScaleGroup]) -> _BlockPlan:
+    def _apply_loaded(self, ctx: BlockContext, groups: list[ScaleGroup]) -> BlockPlan:
         """Fold the loaded scales and take the loaded clip bounds, checking their shapes."""
         loaded = self.load_search
         assert loaded is not None
@@ -189,11 +195,11 @@ class AWQMethod:
                                      "saved for another model or group size; search again without --load-search")
             clip_max[name] = bound
             self.search_results["clip_max"][ctx.full_name(name)] = bound
-        return _BlockPlan(clip_max, layer_stats, None)
+        return BlockPlan(clip_max, layer_stats, None)
 
 
 @dataclass
-class _BlockPlan:
+class BlockPlan:
     """What quantizing one block's linears needs after the search (or the load).
 
     Attributes:

@@ -29,7 +29,7 @@ from qtool.gptq.solver import gptq_quantize
 from qtool.layer_error import layer_errors
 from qtool.models.moe import expert_of, gptq_stages
 from qtool.pipeline import BlockContext, LayerResult, _StopForward
-from qtool.rtn import rtn_quantize
+from qtool.rtn import config_ratios, rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class GPTQMethod:
         for name in group:
             lin = ctx.linear(name)
             qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric, None if lin.bias is None else
-                              lin.bias.detach().to("cpu"))
+                              lin.bias.detach().to("cpu"), ratios=config_ratios(cfg))
             errors = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device))
             ctx.write_back(name, qw)
             self.out[name] = LayerResult(qw, {**errors, **info})
@@ -145,7 +145,7 @@ class GPTQMethod:
             t0 = time.perf_counter()
             res = gptq_quantize(lin.weight, hessian, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.symmetric,
                                 act_order=cfg.act_order, static_groups=cfg.static_groups, block_size=cfg.block_size,
-                                damp=cfg.damp, name=ctx.full_name(name))
+                                damp=cfg.damp, name=ctx.full_name(name), ratios=config_ratios(cfg))
             qw = res.qweight
             if lin.bias is not None:
                 qw = replace(qw, bias=lin.bias.detach().to("cpu").clone())

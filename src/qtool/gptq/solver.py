@@ -7,9 +7,15 @@ block of ``block_size`` columns column by column, to the rest of the matrix once
 as one matmul.
 
 Group parameters follow the RTN rules of ``qtool.rtn`` exactly (``group_qparams``:
-min-max range including 0, fp16-rounded scales before codes are computed), so with an
-identity Hessian the result equals ``rtn_quantize`` bit for bit. The solver emits the
-integer codes it rounds to; nothing is re-derived from floats afterwards.
+min-max range including 0, or with ``ratios`` its MSE-best shrink; codes from the exact
+scale, the nearest float16 scale stored), so with an identity Hessian the result equals
+``rtn_quantize(..., fit_scale=False)`` bit for bit. The solver emits the integer codes it
+rounds to; nothing is re-derived from floats afterwards.
+
+With ``ratios`` (``--scale-search mse``) a group's shrink is chosen when its parameters
+are (at the group's first column, from the error-updated weights; or up front for
+static groups), minimising the squared error of the group's columns weighted by the
+Hessian diagonal ``H_cc`` (the output error a column's rounding causes on its own).
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ def gptq_quantize(
     damp: float = 0.01,
     name: str = "",
     bias: torch.Tensor | None = None,
+    ratios: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize one linear layer's weight with GPTQ.
 
@@ -116,6 +123,9 @@ def gptq_quantize(
         damp: fraction of ``mean(diag(H))`` added to the diagonal (raised on failure).
         name: layer name for messages.
         bias: optional float ``[n]``, carried unchanged into the result.
+        ratios: None for min-max group ranges; else float ``[C]`` shrink ratios
+            (``qtool.rtn.shrink_ratios``) searched per group, each column's squared
+            error weighted by ``diag(H)`` (``qtool.rtn.mse_qparams``).
 
     Returns:
         ``GPTQResult``. Its ``qweight.g_idx`` is int32 ``[k]`` (group = solve position //
@@ -143,9 +153,11 @@ def gptq_quantize(
     fresh = group_size != -1 and not static_groups  # parameters from the updated weights
     st = w.new_zeros(num_groups, n)  # float32 [G, n] scales, fp16-representable
     zt = w.new_zeros(num_groups, n)  # float32 [G, n] zeros, integers
+    importance = h.diagonal().clone()  # [k] original column order
     if not fresh:
         for j in range(num_groups):
-            st[j], zt[j] = group_qparams(w[:, j * g:(j + 1) * g], bits, sym)
+            cols = slice(j * g, (j + 1) * g)
+            st[j], zt[j] = group_qparams(w[:, cols], bits, sym, ratios, importance[cols])
     gid = (torch.arange(k, device=w.device) if fresh else perm) // g  # group of each position
 
     # transposed, so that the column being solved is one contiguous row
@@ -156,6 +168,7 @@ def gptq_quantize(
     codes = torch.empty(k, n, dtype=torch.uint8, device=w.device)  # solve order
     loss = w.new_zeros(())
     gid_list = gid.tolist()
+    importance = importance[perm]  # solve order
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2]  # [b, n] view: in-block updates land in wt
@@ -168,7 +181,8 @@ def gptq_quantize(
                 if p + g > i2:  # the group runs past the block: apply its pending updates
                     tail = wt[i2:p + g] - ut[i2:p + g, i1:i2] @ err1
                     group = torch.cat([group, tail])
-                st[gid_list[p]], zt[gid_list[p]] = group_qparams(group.t(), bits, sym)
+                st[gid_list[p]], zt[gid_list[p]] = group_qparams(group.t(), bits, sym, ratios,
+                                                                 importance[p:p + group.shape[0]])
             s, z = st[gid_list[p]], zt[gid_list[p]]  # [n] each
             row = w1[i]
             c = quantize_to_codes(row, s, z, bits)  # [n] float32 integers

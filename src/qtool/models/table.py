@@ -34,15 +34,15 @@ def awq_cell(spec: ArchSpec) -> str:
 
 def markdown_table() -> str:
     """The table, between the ``BEGIN``/``END`` marker lines (no trailing newline)."""
-    from qtool.config import METHODS
+    from qtool.config import AWQ_METHODS, METHODS
     from qtool.pack import FORMATS
 
     formats = sorted(FORMATS)
-    head = ["family", "model_type", *(m.upper() for m in METHODS if m != "awq"), "AWQ scale groups per block",
+    head = ["family", "model_type", *(m.upper() for m in METHODS if m not in AWQ_METHODS), "AWQ scale groups per block",
             *(f"`{f}`" for f in formats), "kept in float besides embeddings, lm_head, norms"]
     rows = [head, ["---"] * len(head)]
     for spec in FAMILIES:
         rows.append([spec.name, ", ".join(f"`{t}`" for t in spec.model_types),
-                     *("✓" for m in METHODS if m != "awq"), awq_cell(spec), *("✓" for _ in formats),
+                     *("✓" for m in METHODS if m not in AWQ_METHODS), awq_cell(spec), *("✓" for _ in formats),
                      ", ".join(f"`{n}`" for n in (*spec.float_linears, *spec.float_modules)) or "—"])
     return "\n".join([BEGIN, *("| " + " | ".join(r) + " |" for r in rows), END])
