@@ -541,10 +541,19 @@ def results_markdown(result: dict, index: int) -> str:
     return "\n".join(lines)
 
 
+def results_sections(result: dict, index: int) -> str:
+    """``results_markdown`` of each dataset of a ``qtool eval`` result, under its name in
+    bold when there are several (``result["datasets"]``)."""
+    blocks = result.get("datasets") or [result]
+    return "\n\n".join((f"**{b['name']}**\n\n" if len(blocks) > 1 else "") + results_markdown(b, index)
+                       for b in blocks)
+
+
 def write_eval_results(folder: str | Path, record: dict, result: dict, index: int) -> Path:
     """Add or replace the results of the checkpoint ``folder`` (whose ``qtool.json`` is
     ``record``) in its card, from ``result["results"][index]`` of ``qtool eval``: the
-    ``model-index`` of the front matter and the results section. A checkpoint without a
+    ``model-index`` of the front matter and the results section (per dataset when
+    ``result`` holds several). A checkpoint without a
     card gets one first; a card whose results markers were removed gets a new section at
     its end. Everything else in the card, people's edits included, is kept."""
     from huggingface_hub import ModelCard
@@ -553,9 +562,10 @@ def write_eval_results(folder: str | Path, record: dict, result: dict, index: in
     path = folder / CARD_FILE
     text = path.read_text(encoding="utf-8") if path.is_file() else build_card(folder, record)
     card = ModelCard(text, ignore_metadata_errors=True)
-    card.data.eval_results = eval_results(result, result["results"][index])
+    blocks = result.get("datasets") or [result]
+    card.data.eval_results = [e for b in blocks for e in eval_results(b, b["results"][index])]
     card.data.model_name = card.data.model_name or card_name(record)
-    section = _marked("results", results_markdown(result, index))
+    section = _marked("results", results_sections(result, index))
     body, count = _section_re("results").subn(lambda _: section, card.text, count=1)
     if not count:
         body = f"{card.text.rstrip()}\n\n## Evaluation\n\n{section}\n"

@@ -159,7 +159,7 @@ def quantize(
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric (default: sym for rtn/gptq, asym for awq/awq-gptq)."),
     fmt: str = typer.Option("gptq", "--format", "-f", help="gptq | awq | marlin | compressed-tensors"),
     gptq_version: int = typer.Option(0, "--gptq-version", show_default=False, help="GPTQ checkpoint_format 1 (gptq) or 2 (gptq_v2).  [default: auto = 1 if sym else 2]"),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration .txt/.jsonl/.parquet file or pileval|c4|wikitext2 (default: bundled calib_data); for a vision-language model, a .jsonl of {\"image\": path, \"text\": ...} rows runs through its processor."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration .txt/.jsonl/.parquet file or pileval|c4|wikitext2 (pileval/pile-val, c4: the halves of the data folder that qtool eval never evaluates; wikitext2: the hub's train split; default: bundled calib_data); for a vision-language model, a .jsonl of {\"image\": path, \"text\": ...} rows runs through its processor."),
     nsamples: int = typer.Option(128, "--nsamples", help="Calibration samples."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
@@ -236,10 +236,12 @@ def convert(
 def eval_cmd(
     models: list[str] = typer.Argument(None, help="Models or checkpoints to evaluate side by side (default: the built-in model)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Float model for KL and top-1 agreement ('default' = built-in)."),
-    dataset: str = typer.Option("wikitext2", "--dataset", help="wikitext2 | c4 | pileval | a .txt/.jsonl/.parquet file."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="wikitext2 | c4 | pile-val | a .txt/.jsonl/.parquet file; repeat it or give a comma list for several, side by side (default: wikitext2)."),
+    suite: bool = typer.Option(False, "--suite", help="The standard set wikitext2,c4,pile-val on the first --windows N windows of each (default 40)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder of the named datasets' files (default: $QTOOL_DATA, else ../shared/data beside the source checkout)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Window stride (default: seqlen, non-overlapping)."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", "--windows", help="Evaluate only the first N windows of each dataset."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     kernel: str = typer.Option("auto", "--kernel", help="Dequant-matmul for quantized checkpoints: auto (Triton on CUDA, torch reference on CPU) | triton | torch."),
     write_card: bool = typer.Option(False, "--write-card", help="Add (or replace) the results in the model card (README.md) of every qtool checkpoint evaluated."),
@@ -248,12 +250,19 @@ def eval_cmd(
 ) -> None:
     """Perplexity (protocol printed with the result) and divergence from a float baseline."""
     from qtool.evaluate import evaluate, render_table
+    from qtool.errors import UserInputError
     from qtool.publish import check_eval_outputs, write_eval_outputs
+    from qtool.textsets import SUITE, SUITE_WINDOWS
 
     models = models or [None]
+    if suite and dataset:
+        raise UserInputError("--suite is the datasets wikitext2,c4,pile-val: drop --dataset, or drop --suite")
+    if suite and max_windows is None:
+        max_windows = SUITE_WINDOWS
     check_eval_outputs(models, write_card=write_card, plot=plot, report=report)
-    result = _run_with_progress(evaluate, models, dataset=dataset, seqlen=seqlen, stride=stride,
-                                max_windows=max_windows, baseline=baseline, device=device, kernel=kernel)
+    result = _run_with_progress(evaluate, models, dataset=list(SUITE) if suite else dataset or "wikitext2",
+                                seqlen=seqlen, stride=stride, max_windows=max_windows, baseline=baseline,
+                                device=device, kernel=kernel, data_dir=data_dir)
     written = write_eval_outputs(result, models, write_card=write_card, plot=plot, report=report)
     if written:
         result["files_written"] = written

@@ -38,16 +38,19 @@ def _table(result: dict) -> list[str]:
 
 
 def render_report(result: dict, figures: list[tuple[str, bytes]]) -> str:
-    """The HTML page of a ``qtool eval`` ``result``; ``figures`` are ``(caption, PNG
-    bytes)`` shown in order under the table."""
+    """The HTML page of a ``qtool eval`` ``result`` (a table per dataset when it holds
+    several); ``figures`` are ``(caption, PNG bytes)`` shown in order under the tables."""
     from qtool.evaluate import LEGEND_BASELINE, LEGEND_PPL, LEGEND_REST
 
     legend = " ".join((LEGEND_PPL, LEGEND_BASELINE if result.get("baseline") else "", LEGEND_REST))
     parts = ["<!doctype html>", "<html lang=\"en\">", "<head>", "<meta charset=\"utf-8\">",
              "<title>qtool eval report</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
-             "<h1>qtool eval report</h1>",
-             f"<p>qtool {html.escape(__version__)}. Protocol: {html.escape(result['protocol']['description'])}.</p>",
-             *_table(result), f"<p class=\"legend\">{html.escape(legend)}</p>"]
+             "<h1>qtool eval report</h1>", f"<p>qtool {html.escape(__version__)}.</p>"]
+    blocks = result.get("datasets") or [result]  # several datasets: one table each, under its name
+    for b in blocks:
+        parts += ([f"<h2>{html.escape(b['name'])}</h2>"] if len(blocks) > 1 else []) + [
+            f"<p>Protocol: {html.escape(b['protocol']['description'])}.</p>", *_table(b)]
+    parts.append(f"<p class=\"legend\">{html.escape(legend)}</p>")
     for caption, png in figures:
         parts += ["<figure>", f"<img src=\"{data_uri(png)}\" alt=\"{html.escape(caption)}\">",
                   f"<figcaption>{html.escape(caption)}</figcaption>", "</figure>"]

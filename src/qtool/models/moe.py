@@ -3,13 +3,18 @@
 transformers 5 stores the routed experts of Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V2/V3
 as two fused 3-D parameters per block (``experts.gate_up_proj`` ``[E, 2I, H]``, gate rows
 first, and ``experts.down_proj`` ``[E, H, I]``), not as ``nn.Linear`` modules, so a tool
-that looks for linears skips them in silence. ``unfuse_experts`` replaces that module, in
-place, by ``PerExpertLinears``: one ``gate_proj``/``up_proj``/``down_proj`` ``nn.Linear``
-per expert holding the same weights, with the same forward (the router's top-k choice,
-each expert on the tokens routed to it, the routing weight multiplying the expert's
-*output*). From then on every expert weight is an ordinary linear that the pipeline,
-the methods and the writers see, named ``mlp.experts.{e}.gate_proj`` like the per-expert
-tensors on disk. The router stays in float (it is not a linear of the block's spec).
+that looks for linears skips them in silence; gpt-oss stores them transposed
+(``[E, H, 2I]``, ``[E, I, H]``), gate and up *interleaved* (gate at even, up at odd
+columns), with biases. ``unfuse_experts`` reads that layout from the flags transformers
+sets on the module (``is_transposed``, ``is_concatenated``, ``has_bias``) and replaces the
+module, in place, by ``PerExpertLinears``: one ``gate_proj``/``up_proj``/``down_proj``
+``nn.Linear`` per expert holding the same weights (and biases), with the same forward
+(the router's top-k choice, each expert on the tokens routed to it, the module's own
+gating, e.g. ``act(gate) * up`` or gpt-oss's clamped SwiGLU, the routing weight
+multiplying the expert's *output*). From then on every expert weight is an ordinary
+linear that the pipeline, the methods and the writers see, named
+``mlp.experts.{e}.gate_proj`` like the per-expert tensors on disk. The router stays in
+float (it is not a linear of the block's spec).
 
 Experts that calibration tokens rarely reach get a selectable policy (``LOW_TOKEN_POLICIES``);
 ``PerExpertLinears.observe_all`` is the hook for the ``all-experts`` policy.
@@ -58,15 +63,36 @@ class MoESpec:
     disk_names: tuple[tuple[str, str], ...] = ()
 
 
-class ExpertMLP(nn.Module):
-    """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+class FusedGating:
+    """The fused experts module's own gating on separate gate and up outputs.
 
-    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module):
+    transformers gives every fused experts class an ``_apply_gate(gate_up [S, 2I]) ->
+    [S, I]`` (``act(gate) * up`` by default; gpt-oss: ``(clamp(up) + 1) * g * sigmoid(alpha * g)``
+    with ``g = clamp(gate)``) that reads gate and up in the module's stored layout: halves
+    (``[gate | up]``) or interleaved (``gate_0, up_0, gate_1, ...``). Calling it on the two
+    outputs laid out that way computes exactly what the fused forward computes.
+
+    ``fused`` is the fused module emptied of its weight tensors (only its scalars and
+    activation remain); a plain object, so it is no submodule of the expert.
+    """
+
+    def __init__(self, fused: nn.Module, interleaved: bool):
+        self.fused, self.interleaved = fused, interleaved
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        both = torch.stack((gate, up), dim=-1).flatten(-2) if self.interleaved else torch.cat((gate, up), dim=-1)
+        return self.fused._apply_gate(both)
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down_proj(gating(gate_proj(x), up_proj(x)))``."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, gating: FusedGating):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.gate_proj, self.up_proj, self.down_proj, self.gating = gate_proj, up_proj, down_proj, gating
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gating(self.gate_proj(x), self.up_proj(x)))
 
 
 class PerExpertLinears(nn.ModuleList):
@@ -107,33 +133,54 @@ def unfuse_experts(block: nn.Module, moe: MoESpec) -> int:
         The number of experts ``E``.
 
     Raises:
-        UnsupportedError: the block has no experts module there, or one whose layout is not
-            plain ``gate_up_proj``/``down_proj`` (biases, interleaved gate/up: gpt-oss).
+        UnsupportedError: the block has no experts module there, or one qtool cannot unfuse
+            exactly (other parameters, no gate, a norm after each expert).
     """
     try:
         fused = block.get_submodule(moe.experts)
     except AttributeError:
-        raise UnsupportedError(f"a block has no '{moe.experts}' experts module (layers mixing dense and MoE MLPs are "
-                               "not supported yet); use a model whose every layer is MoE or report this model") from None
+        raise UnsupportedError(f"a block has no '{moe.experts}' experts module (a dense MLP in a mixture-of-experts "
+                               "model: the family file must say which blocks are dense, with block_variant as in "
+                               "qtool/models/deepseek.py); please report this model") from None
     if isinstance(fused, PerExpertLinears):
         return len(fused)
+    # the layout flags transformers' experts decorator sets on the module (its defaults when absent)
+    transposed, has_bias = getattr(fused, "is_transposed", False), getattr(fused, "has_bias", False)
+    interleaved = not getattr(fused, "is_concatenated", True)
     names = {n for n, _ in fused.named_parameters(recurse=False)}
-    if names != {"gate_up_proj", "down_proj"} or getattr(fused, "is_transposed", False) or not hasattr(fused, "act_fn"):
-        raise UnsupportedError(f"experts module {type(fused).__name__} has parameters {sorted(names)}, not the plain fused "
-                               "gate_up_proj/down_proj qtool unfuses; please report this model")
-    gate_up, down = fused.gate_up_proj.data, fused.down_proj.data  # [E, 2I, H], [E, H, I]
-    num, two_i, hidden = gate_up.shape
+    expected = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if has_bias else set())
+    if (names != expected or not getattr(fused, "has_gate", True) or getattr(fused, "has_post_expert_norm", False)
+            or not hasattr(fused, "_apply_gate")):
+        raise UnsupportedError(f"experts module {type(fused).__name__} has parameters {sorted(names)}, not the fused "
+                               "gate_up_proj/down_proj (with biases) qtool unfuses; please report this model")
+    gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
+    if transposed:  # stored [E, in, out] (x @ W): nn.Linear wants [out, in]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    num, two_i, hidden = gate_up.shape  # [E, 2I, H]
     inter = two_i // 2
     if down.shape != (num, hidden, inter):
         raise UnsupportedError(f"experts module {type(fused).__name__}: down_proj {tuple(down.shape)} does not match "
                                f"gate_up_proj {tuple(gate_up.shape)}; please report this model")
+    gate_rows, up_rows = (slice(0, two_i, 2), slice(1, two_i, 2)) if interleaved else (slice(0, inter), slice(inter, two_i))
+    gate_up_bias = fused.gate_up_proj_bias.data if has_bias else None  # [E, 2I]
+    down_bias = fused.down_proj_bias.data if has_bias else None  # [E, H]
 
-    def linear(weight: torch.Tensor) -> nn.Linear:
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         lin.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.clone(), requires_grad=False)
         return lin
 
-    experts = [ExpertMLP(linear(gate_up[e, :inter]), linear(gate_up[e, inter:]), linear(down[e]), fused.act_fn)
+    def rows(bias: torch.Tensor | None, e: int, at: slice) -> torch.Tensor | None:
+        return None if bias is None else bias[e, at]
+
+    for name in names:  # release the fused tensors; the module keeps its gating's scalars
+        delattr(fused, name)
+    gating = FusedGating(fused, interleaved)
+    experts = [ExpertMLP(linear(gate_up[e, gate_rows], rows(gate_up_bias, e, gate_rows)),
+                         linear(gate_up[e, up_rows], rows(gate_up_bias, e, up_rows)),
+                         linear(down[e], rows(down_bias, e, slice(None))), gating)
                for e in range(num)]
     parent, _, child = moe.experts.rpartition(".")
     setattr(block.get_submodule(parent) if parent else block, child, PerExpertLinears(experts))
@@ -213,7 +260,9 @@ def rename(key: str, spec, to_disk: bool) -> str:
 
 def prepare_experts(model: nn.Module, spec):
     """Unfuse the experts of every block of ``model`` (in place, ``unfuse_experts``) and
-    return ``spec`` with their per-expert linears listed (``expand_spec``).
+    return ``spec`` with their per-expert linears listed (``expand_spec``), for a family
+    whose every block is MoE (one with dense blocks declares ``block_variant``:
+    ``qtool.models.resolve_blocks``).
 
     Raises:
         UnsupportedError: a block without the experts module, or blocks with different
@@ -235,8 +284,8 @@ def check_method(spec, method: str) -> None:
     scaled back in float; and each expert would want its own scales from one shared norm.
     Until that is built and proven, AWQ is refused for MoE families.
     """
-    if method in ("awq", "awq-gptq"):
-        raise UnsupportedError(f"--method {method} is not supported for mixture-of-experts models ({spec.name}): the norm "
+    if method == "awq":
+        raise UnsupportedError(f"--method awq is not supported for mixture-of-experts models ({spec.name}): the norm "
                                "before the experts also feeds the router, so its scales cannot be folded exactly; "
                                "use --method gptq or --method rtn")
 
@@ -259,12 +308,14 @@ def disk_renamer(model: nn.Module, to_disk: bool):
 
 def model_names(model: nn.Module, qweights: dict, plain: dict) -> tuple[dict, dict]:
     """Prepare a freshly built ``model`` to take a checkpoint's tensors: an MoE family's
-    experts are unfused (``prepare_experts``) and the checkpoint's quantized layers
-    (``qweights``, by module) and plain tensors (``plain``, by tensor name) are renamed
-    from the disk naming to the model's."""
+    experts are unfused (``qtool.models.resolve_blocks``) and the checkpoint's quantized
+    layers (``qweights``, by module) and plain tensors (``plain``, by tensor name) are
+    renamed from the disk naming to the model's."""
+    from qtool.models import resolve_blocks
+
     spec = _moe_spec_of(model)
     if spec is None:
         return qweights, plain
-    spec = prepare_experts(model, spec)
+    spec = resolve_blocks(model, spec)
     return ({rename(k, spec, False): v for k, v in qweights.items()},
             {rename(k, spec, False): v for k, v in plain.items()})
