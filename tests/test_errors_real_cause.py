@@ -153,7 +153,7 @@ def _dataset_not_found(message: str):
 
 @pytest.mark.parametrize("case", list(DATASET_CASES))
 @pytest.mark.parametrize("use", ["calibration", "eval"])
-def test_dataset_errors(monkeypatch, case, use):
+def test_dataset_errors(monkeypatch, tmp_path, case, use):
     import datasets
 
     from qtool.calib import load_calibration
@@ -161,15 +161,16 @@ def test_dataset_errors(monkeypatch, case, use):
 
     make, words, offline = DATASET_CASES[case]
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # no reachability probe: the patched call is the only one
-    monkeypatch.delenv("QTOOL_C4", raising=False)
+    monkeypatch.setenv("QTOOL_DATA", str(tmp_path))  # no local WikiText-2 file: the hub is asked
+    monkeypatch.delenv("QTOOL_WIKITEXT2", raising=False)
     monkeypatch.setattr(datasets, "load_dataset", _raiser(make))
     with pytest.raises(UserInputError) as info:
         if use == "calibration":
-            load_calibration("c4", None, nsamples=2, seqlen=64, seed=0)
+            load_calibration("wikitext2", None, nsamples=2, seqlen=64, seed=0)
         else:
-            load_eval_rows("c4")
+            load_eval_rows("wikitext2")
     msg = str(info.value)
-    assert "allenai/c4" in msg and "\n" not in msg, msg
+    assert "Salesforce/wikitext" in msg and "\n" not in msg, msg
     for word in words:
         assert word in msg, (word, msg)
     advice = "--calib PATH" if use == "calibration" else "--dataset PATH"

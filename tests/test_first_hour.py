@@ -128,6 +128,7 @@ def test_offline_dataset_fails_fast_without_retry_warnings(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens, a stand-in for no network
     env["HF_HOME"] = str(tmp_path / "hf")
+    env["QTOOL_DATA"] = str(tmp_path)  # no local WikiText-2 file: the hub is asked
     res = subprocess.run([sys.executable, "-m", "qtool", "eval", str(tmp_path), "--dataset", "wikitext2"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 1, res.stderr

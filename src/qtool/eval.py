@@ -6,6 +6,10 @@ its own (no context carried over). Non-overlapping by default (``stride == seqle
 remainder dropped, every window predicts its ``seqlen - 1`` later tokens); with a smaller
 ``stride`` each window predicts only its last ``stride`` tokens (the first window all of
 its tokens), so every token is counted once. ppl = exp(mean NLL over predicted tokens).
+
+Named datasets (``qtool.textsets``): ``wikitext2`` (all test rows), ``c4`` (documents
+500-999) and ``pile-val`` (documents 256-511) from the local data folder; ``wikitext2``
+falls back to ``$QTOOL_WIKITEXT2`` and then the hub when no local file is found.
 """
 
 from __future__ import annotations
@@ -23,12 +27,11 @@ import torch.nn.functional as F
 
 from qtool.errors import UserInputError
 from qtool.hub_datasets import load_hub_dataset
-from qtool.textfiles import read_rows
+from qtool.textfiles import read_rows, sha256_file
+from qtool.textsets import TEXT_SETS, Source, canonical, file_source, read_documents, set_file, set_source
 
 EVAL_DATASETS = {
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "QTOOL_WIKITEXT2"),
-    "c4": ("allenai/c4", "en", "validation", "QTOOL_C4"),
-    "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "QTOOL_PILEVAL"),
 }
 JOIN = "\n\n"
 
@@ -57,18 +60,60 @@ def _rows_from_file(path: Path) -> list[str]:
     return read_rows(path, "dataset file")
 
 
-def load_eval_rows(dataset: str) -> tuple[list[str], str, str]:
-    """``(rows, dataset description, split)`` for a dataset name or a local file."""
-    if dataset in EVAL_DATASETS:
-        repo, config, split, env = EVAL_DATASETS[dataset]
-        local = os.environ.get(env)
-        if local:
-            return _rows_from_file(Path(local)), f"{dataset} (file {local})", split
-        rows = load_hub_dataset(repo, config, split, f"'{dataset}' ({repo})",
-                                f"offline, pass the file with --dataset PATH or set {env}=PATH")["text"]
-        return list(rows), f"{dataset} ({repo})", split
+@dataclass(frozen=True)
+class EvalSource:
+    """The rows of one evaluation dataset and where they came from. ``source`` says which
+    documents they are, for the calibration-overlap check (None: the hub, not checkable);
+    ``info`` is the ``dataset`` block of ``qtool eval --json``."""
+
+    name: str
+    rows: list[str]
+    description: str
+    split: str
+    source: Source | None
+    info: dict
+
+
+def resolve_eval_dataset(dataset: str, data_dir: str | Path | None = None) -> EvalSource:
+    """The rows of ``dataset``: a named set (``qtool.textsets``, its evaluation documents)
+    or a local .txt/.jsonl/.parquet file (every row). ``wikitext2`` without a local file:
+    ``$QTOOL_WIKITEXT2``, else the hub's test split. ``data_dir`` overrides the data folder."""
+    name = canonical(dataset)
+    info = {"arg": str(dataset), "repo": None, "config": None, "name": name or Path(dataset).stem,
+            "file": None, "sha256": None, "documents": None}
+    if name is not None:
+        ts = TEXT_SETS[name]
+        info.update(repo=ts.repo, config=ts.config)
+        if name in EVAL_DATASETS and data_dir is None:  # wikitext2: its own variable, then the hub
+            repo, config, split, env = EVAL_DATASETS[name]
+            local = os.environ.get(env)
+            if local:
+                path = Path(local).expanduser()
+                rows = _rows_from_file(path)
+                sha = sha256_file(path)
+                return EvalSource(name, rows, f"{name} (file {local})", split,
+                                  file_source(path, sha, f"every row of {path}"), {**info, "file": str(path), "sha256": sha})
+            if set_file(name) is None:
+                rows = load_hub_dataset(repo, config, split, f"'{name}' ({repo})",
+                                        f"offline, pass the file with --dataset PATH or set {env}=PATH")["text"]
+                return EvalSource(name, list(rows), f"{name} ({repo})", split, None, info)
+        docs = read_documents(name, "eval", data_dir, "pass --data-dir DIR or set QTOOL_DATA=DIR")
+        desc = f"{name} (file {docs.path})" if name == "wikitext2" else docs.description()
+        split = "test" if name == "wikitext2" else docs.split()
+        return EvalSource(name, docs.rows, desc, split, set_source(docs),
+                          {**info, "file": str(docs.path), "sha256": docs.sha256, "documents": list(docs.span)})
     path = Path(dataset).expanduser()
-    return _rows_from_file(path), f"file {path}", "as given"
+    rows = _rows_from_file(path)
+    sha = sha256_file(path)
+    return EvalSource(info["name"], rows, f"file {path}", "as given", file_source(path, sha, f"every row of {path}"),
+                      {**info, "file": str(path), "sha256": sha})
+
+
+def load_eval_rows(dataset: str, data_dir: str | Path | None = None) -> tuple[list[str], str, str]:
+    """``(rows, dataset description, split)`` for a dataset name or a local file
+    (``resolve_eval_dataset``)."""
+    src = resolve_eval_dataset(dataset, data_dir)
+    return src.rows, src.description, src.split
 
 
 def tokenize_rows(rows: list[str], tokenizer) -> torch.Tensor:

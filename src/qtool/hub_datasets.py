@@ -1,4 +1,5 @@
-"""Named datasets (``wikitext2``, ``c4``, ``pileval``) through ``datasets``, quietly and
+"""Hub datasets (``wikitext2`` when no local file is found; ``c4`` and ``pile-val`` are read
+from the local data folder only, ``qtool.textsets``) through ``datasets``, quietly and
 without waiting on a network that is not there.
 
 Offline, ``datasets`` asks the hub anyway and ``huggingface_hub`` retries every request
