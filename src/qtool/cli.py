@@ -187,21 +187,14 @@ def quantize(
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="PATTERN", help="Keep linears in float whose full module name matches this fnmatch pattern (repeatable), e.g. '*.down_proj'."),
     model_free: Optional[bool] = typer.Option(None, "--model-free/--no-model-free", show_default=False, help="RTN: quantize tensor by tensor from the safetensors shards without building the model (memory of one tensor).  [default: auto = when the files are the same as the in-model path's]"),
     include: Optional[list[str]] = typer.Option(None, "--include", metavar="PATTERN", help="Model-free RTN: quantize the 2-D weights whose full tensor name matches this fnmatch pattern (repeatable), e.g. 'model.layers.*'; for architectures without a qtool family file."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", show_default=False, help="Read each block's weights from the safetensors shards only while it is quantized (memory of one block).  [default: auto = when the files are the same as loading the model whole]"),
 ) -> None:
     from qtool.api import quantize as run_quantize
-    from qtool.config import QuantizeConfig
-    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", show_default=False, help="Read each block's weights from the safetensors shards only while it is quantized (memory of one block).  [default: auto = when the files are the same as loading the model whole]"),
 
     if resume and restart:
         raise click.exceptions.UsageError("--resume continues the interrupted run and --restart discards it: pass only one of them")
 
-    config = QuantizeConfig(method=method, bits=bits, group_size=group_size, sym=sym, format=fmt,
-                            gptq_version=gptq_version, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                            batch_size=batch_size, act_order=act_order, static_groups=static_groups,
-                            true_sequential=true_sequential, damp=damp, block_size=block_size,
-                            scale_search=scale_search, scale_grid=scale_grid, scale_max_shrink=scale_max_shrink, awq_grid=awq_grid,
-                            awq_clip=awq_clip, awq_search_tokens=awq_search_tokens, awq_save_search=save_search, awq_load_search=load_search,
-                            moe_min_tokens=moe_min_tokens, moe_low_tokens=moe_low_tokens, exclude=tuple(exclude or ()))
+    config = _quantize_config(locals())
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume, restart=restart, command=_command_line(), model_free=model_free,
                                 include=tuple(include or ()), stream=stream)
@@ -210,6 +203,44 @@ def quantize(
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
                   f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "
                   f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s\n{result['coverage']['line']}")
+
+
+def _quantize_config(kw: dict):
+    """The ``QuantizeConfig`` of ``quantize``'s (or ``plan``'s) parsed options."""
+    from qtool.config import QuantizeConfig
+
+    kw = {**kw, "exclude": tuple(kw.get("exclude") or ())}
+    names = dict(fmt="format", save_search="awq_save_search", load_search="awq_load_search")
+    fields = set(QuantizeConfig.__dataclass_fields__)
+    return QuantizeConfig(**{names.get(k, k): v for k, v in kw.items() if names.get(k, k) in fields})
+
+
+PLAN_HELP = """Estimate the peak CPU (and GPU) memory of a `qtool quantize` run with the same
+MODEL and options, without loading the weights, and compare it with the memory
+available now. Exit code 1 (with the options that would fit) when it does not fit.
+"""
+
+
+def plan(**kw) -> None:
+    from qtool.api import memory_plan
+
+    result = _run_with_progress(memory_plan, kw["model"], _quantize_config(kw), dtype=kw["dtype"], device=kw["device"],
+                                stream=kw["stream"], model_free=kw["model_free"], include=tuple(kw["include"] or ()))
+    _emit(result, result["line"] + "".join(f"\n  {k:<18} {v / 2**30:6.2f} GiB" for k, v in result["parts_bytes"].items()))
+
+
+def _plan_signature() -> None:
+    """``plan`` takes ``quantize``'s options but the output and its handling."""
+    import inspect
+
+    drop = {"output", "force", "resume", "restart"}
+    sig = inspect.signature(quantize)
+    plan.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n not in drop])
+    plan.__annotations__ = {n: a for n, a in quantize.__annotations__.items() if n not in drop}
+
+
+_plan_signature()
+app.command(name="plan", help=PLAN_HELP, short_help="Estimate a quantize run's peak memory, loading nothing.")(plan)
 
 
 @app.command(short_help="Repack a checkpoint in another format, exactly.")

@@ -132,14 +132,32 @@ def stream_reason(folder: str | None, dtype: str) -> str | None:
 
 def build_skeleton(folder: str, dtype: str):
     """``(model, Streamed)``: the model of ``folder`` with its parameters on the meta
-    device (buffers such as rotary tables are computed as usual) and its non-block
-    embeddings loaded. Raises ``NotStreamable`` when the result could differ from
-    ``from_pretrained``'s."""
+    device (buffers such as rotary tables are computed as usual) and the tensors outside
+    its blocks loaded (all but the output head, read when the checkpoint is written).
+    Raises ``NotStreamable`` when the result could differ from ``from_pretrained``'s."""
+    model, entries, target = _checked_skeleton(folder, dtype)
+    return model, _load_outside_blocks(model, Streamed(entries, target))
+
+
+def check(folder: str | None, dtype: str) -> str | None:
+    """Why the source in ``folder`` cannot be streamed, or None when it can, from its
+    config and shard headers alone (no tensor is read)."""
+    reason = stream_reason(folder, dtype)
+    if reason is not None:
+        return reason
+    try:
+        _checked_skeleton(folder, dtype)
+    except NotStreamable as exc:
+        return str(exc)
+    return None
+
+
+def _checked_skeleton(folder: str, dtype: str):
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from qtool.model_free import _config_dtype
-    from qtool.models import get_blocks, spec_for
+    from qtool.models import spec_for
     from qtool.models.vlm import auto_model_class
 
     folder_path = Path(folder)
@@ -164,7 +182,14 @@ def build_skeleton(folder: str, dtype: str):
     if expected != on_disk:
         odd = sorted(expected ^ on_disk)
         raise NotStreamable(f"the source's tensor names differ from the model's (e.g. {odd[0]})")
-    weights = Streamed(entries, target)
+    return model, entries, target
+
+
+def _load_outside_blocks(model, weights: "Streamed") -> "Streamed":
+    from qtool.models import get_blocks, spec_for
+
+    spec = spec_for(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     # what runs before the first block (embeddings, a VLM-free model's other non-block
     # modules) is loaded now; the blocks when they are worked on; the head at the end
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -178,7 +203,9 @@ def build_skeleton(folder: str, dtype: str):
                                                    requires_grad=False)
     if tied:
         head.weight = model.get_input_embeddings().weight
-    return model, weights
+    elif head is not None:  # read once now so a NaN there is refused before any work
+        weights.tensor(next(n for n, m in model.named_modules() if m is head) + ".weight")
+    return weights
 
 
 def _ancestors(model: nn.Module, name: str):

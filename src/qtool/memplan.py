@@ -1,0 +1,169 @@
+"""The memory plan: the peak CPU (and device) memory a ``qtool quantize`` run will need,
+estimated before anything is loaded, from the model's config and the options alone.
+
+What the run holds at its peak (every term is in ``MemoryPlan.parts``):
+
+- ``runtime``: the Python process with torch, transformers and the tokenizer
+  (``RUNTIME_BYTES``, measured: a run that refuses right after planning).
+- ``resident weights``: loaded whole, every parameter in the load dtype; streamed, the
+  tensors outside the blocks that stay loaded (the embeddings).
+- ``block``: one block in float32 for the computation, plus (streamed) its tensors as
+  read, in the load dtype.
+- ``activations``: the calibration hidden states of the current block's input and
+  output, float32 ``[tokens, hidden]`` each (none for RTN).
+- ``forward``: the intermediate tensors of one calibration chunk through a block (MLP
+  activations, attention scores of every head, which CPU attention materialises).
+- ``method``: GPTQ's Hessians of the block's linears (float32 ``k x k`` each) and the
+  solver's copies of the largest layer; AWQ's search subsample of every scale group's
+  input and the outputs it compares.
+- ``unaccounted``: ``SLACK`` of the sum of the terms above (allocator fragmentation,
+  temporaries); measured on the default model and the synthetic models of
+  ``benchmarks/memory_scaling.py``, where the estimate is within 25% of the peak RSS.
+
+The device (``--device cuda``) holds ``block`` + ``activations`` (when they fit) +
+``forward`` + ``method``; the CPU then holds the rest.
+
+Model-free RTN (``qtool.model_free``) holds one tensor at a time: runtime plus the
+largest weight in float32 and its codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+RUNTIME_BYTES = 560 << 20
+SLACK = 0.10
+GIB = 1 << 30
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peak memory of a run and what is available, in bytes."""
+
+    peak_cpu: int
+    available_cpu: int
+    peak_device: int | None = None
+    available_device: int | None = None
+    streamed: bool = False
+    model_free: bool = False
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        cpu = self.peak_cpu <= self.available_cpu
+        dev = self.peak_device is None or self.available_device is None or self.peak_device <= self.available_device
+        return cpu and dev
+
+    def line(self) -> str:
+        how = "model-free" if self.model_free else "streamed" if self.streamed else "loaded whole"
+        text = f"peak ~{self.peak_cpu / GIB:.2f} GiB CPU of {self.available_cpu / GIB:.1f} GiB available ({how})"
+        if self.peak_device is not None:
+            text += f", ~{self.peak_device / GIB:.2f} GiB on the device"
+            if self.available_device is not None:
+                text += f" of {self.available_device / GIB:.1f} GiB"
+        return text
+
+    def to_json(self) -> dict:
+        return {"peak_cpu_bytes": self.peak_cpu, "available_cpu_bytes": self.available_cpu,
+                "peak_device_bytes": self.peak_device, "available_device_bytes": self.available_device,
+                "streamed": self.streamed, "model_free": self.model_free, "fits": self.fits,
+                "parts_bytes": dict(self.parts)}
+
+
+def available_cpu() -> int:
+    """Memory the run may use: what the OS says is available now (``MemAvailable``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def available_device(device: torch.device) -> int | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def _nbytes(params, dtype_bytes: int | None) -> int:
+    return sum(p.numel() * (dtype_bytes or p.element_size()) for p in params)
+
+
+def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, device: torch.device | None = None,
+             load_bytes: int | None = None) -> MemoryPlan:
+    """The plan of quantizing ``model`` (parameters may be on the meta device) with
+    ``config``. ``load_bytes``: bytes per float of the load dtype (None: the model's)."""
+    from qtool.models import get_blocks
+
+    device = device or torch.device("cpu")
+    blocks = get_blocks(model, spec)
+    block_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+    elt = load_bytes or next(p.element_size() for p in model.parameters() if p.is_floating_point())
+    mcfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    hidden = mcfg.hidden_size
+    linears = [(lin.out_features, lin.in_features) for b in blocks[:1] for lin in
+               (b.get_submodule(n) for n in spec.linears)] if blocks else []
+    parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
+    if model_free:
+        n, k = max(linears, key=lambda s: s[0] * s[1], default=(0, 0))
+        parts["largest tensor"] = n * k * (4 + 4 + 1)
+        parts["unaccounted"] = int(parts["largest tensor"] * SLACK)
+        return MemoryPlan(sum(parts.values()), available_cpu(), model_free=True, parts=parts)
+    all_params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    if streamed:
+        parts["resident weights"] = embed * elt
+        parts["block"] = block_params * (4 + elt)
+    else:
+        parts["resident weights"] = all_params * elt
+        parts["block"] = block_params * 4
+    calibrated = config.method != "rtn"
+    tokens = config.nsamples * config.seqlen if calibrated else 0
+    chunk = min(config.batch_size, max(config.nsamples, 1)) * config.seqlen if calibrated else 0
+    parts["activations"] = 2 * tokens * hidden * 4
+    inter = max((n for n, _ in linears), default=hidden)
+    heads = getattr(mcfg, "num_attention_heads", 1) or 1
+    batch = min(config.batch_size, max(config.nsamples, 1)) if calibrated else 0
+    parts["forward"] = chunk * (3 * inter + 8 * hidden) * 4 + 2 * batch * heads * config.seqlen ** 2 * 4
+    if config.method in ("gptq", "awq-gptq"):
+        hess = sum(k * k * 4 for _, k in linears)
+        n, k = max(linears, key=lambda s: s[0] * s[1], default=(0, 0))
+        parts["method"] = hess + 4 * n * k * 4 + 3 * k * k * 4
+    if config.method in ("awq", "awq-gptq"):
+        search = min(tokens, getattr(config, "awq_search_tokens", None) or 4096) if tokens else 0
+        widest = sum(n for n, _ in linears)
+        parts["method"] = parts.get("method", 0) + search * (hidden + 2 * widest) * 4 * 2
+    work = sum(v for key, v in parts.items() if key != "runtime")
+    parts["unaccounted"] = int(work * SLACK)
+    dev_peak, dev_avail = None, None
+    if device.type == "cuda":
+        dev_parts = ("block", "activations", "forward", "method")
+        dev_peak = int(sum(parts.get(p, 0) for p in dev_parts) * (1 + SLACK))
+        dev_avail = available_device(device)
+        if dev_avail is not None and dev_peak > dev_avail:  # activations spill to CPU
+            dev_peak -= parts["activations"]
+        else:
+            parts = {**parts, "activations": 0}
+    peak = int(sum(parts.values()))
+    return MemoryPlan(peak, available_cpu(), dev_peak, dev_avail, streamed, False, parts)
+
+
+def fitting_options(model, spec, config, plan: MemoryPlan, **kw) -> list[str]:
+    """Options that would make a plan that does not fit fit, each checked by estimating
+    again: fewer calibration samples, a smaller batch size."""
+    from dataclasses import replace
+
+    out = []
+    if config.method != "rtn":
+        for b in (1,):
+            if config.batch_size > b and estimate(model, spec, replace(config, batch_size=b), **kw).fits:
+                out.append(f"--batch-size {b}")
+                break
+        n = config.nsamples
+        while n > 1:
+            n //= 2
+            if estimate(model, spec, replace(config, nsamples=n), **kw).fits:
+                out.append(f"--nsamples {n}")
+                break
+    return out
