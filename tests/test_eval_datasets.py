@@ -186,7 +186,10 @@ def test_suite_side_by_side_equals_independent_runs(capsys, data_dir, mini_llama
     row = next(ln for ln in text.splitlines() if ln.startswith(f"{mini_llama} ") and "(baseline)" not in ln)
     assert [float(w) for w in row.split()[1:4]] == [round(b["results"][0]["ppl"], 3) for b in out["datasets"]]
     # the model card and the HTML report show one table per dataset, under its name
-    from qtool.card import results_sections
+    from qtool.card import eval_results, results_sections
+
+    entries = [e for b in out["datasets"] for e in eval_results(b, b["results"][0])]
+    assert len({e.unique_identifier for e in entries}) == 3  # one model-index entry per dataset
     from qtool.report import render_report
 
     card = results_sections(out, 0)

@@ -489,6 +489,8 @@ def _dataset_fields(result: dict) -> dict:
     fields = {"dataset_type": ds.get("repo") or "file", "dataset_name": proto["dataset"]}
     if ds.get("repo"):
         fields.update(dataset_config=ds.get("config"), dataset_split=proto["split"])
+    elif ds.get("name"):  # a file: its name keeps two files' results apart in the model-index
+        fields.update(dataset_config=ds["name"])
     return fields
 
 
