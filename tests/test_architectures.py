@@ -487,16 +487,11 @@ def test_readme_families_table_is_generated_from_the_registry():
 def test_float_modules_are_kept_with_their_reason():
     """A family's model-level float modules (a VLM's vision tower) are kept in float with
     their reason instead of being refused."""
-    from dataclasses import asdict
-    from types import SimpleNamespace
-
     from qtool.coverage import plan_coverage
     from qtool.models import spec_for
 
     model = mini_model("llama")
     model.model.tower = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
-    spec = SimpleNamespace(**{**asdict(spec_for(model)), "float_modules": ("model.tower",)})
-    spec.linears, spec.scale_groups = spec_for(model).linears, ()
-    cov = plan_coverage(model, spec)
+    cov = plan_coverage(model, replace(spec_for(model), float_modules=("model.tower",)))
     assert cov.kept["float_modules"].tensors == [f"model.tower.{n}" for n in ("0.weight", "0.bias", "1.weight", "1.bias")]
     assert len(cov.quantized) == 14

@@ -115,9 +115,9 @@ def plan_coverage(model: nn.Module, spec: ArchSpec, exclude: tuple[str, ...] = (
     """
     listed: dict[str, str] = {}  # full linear name -> "quantize" | "float_linears"
     for i, _ in enumerate(get_blocks(model, spec)):
-        prefix = f"{spec.blocks}.{i}"
-        listed.update({f"{prefix}.{n}": "quantize" for n in spec.linears})
-        listed.update({f"{prefix}.{n}": "float_linears" for n in spec.float_linears})
+        prefix, block_spec = f"{spec.blocks}.{i}", spec.for_block(i)  # blocks may differ (dense and MoE)
+        listed.update({f"{prefix}.{n}": "quantize" for n in block_spec.linears})
+        listed.update({f"{prefix}.{n}": "float_linears" for n in block_spec.float_linears})
     modules = dict(model.named_modules())
     float_modules = getattr(spec, "float_modules", ())  # model-level modules kept whole (a VLM's vision tower)
     used = {p: False for p in exclude}
@@ -184,4 +184,4 @@ def excluded_in_block(coverage: Coverage, spec: ArchSpec, prefix: str) -> set[st
     """Linears (relative to the block at ``prefix``) that the run keeps in float on the
     user's request."""
     quantized = set(coverage.quantized)
-    return {n for n in spec.linears if f"{prefix}.{n}" not in quantized}
+    return {n for n in spec.for_block(int(prefix.rpartition(".")[2])).linears if f"{prefix}.{n}" not in quantized}

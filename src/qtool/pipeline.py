@@ -329,12 +329,13 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
         block = blocks[i]
         prefix = f"{spec.blocks}.{i}"
         weights.load(block, prefix)
-        for name in spec.linears:
+        block_spec = spec.for_block(i)  # blocks may differ (DeepSeek: dense and MoE)
+        for name in block_spec.linears:
             check_finite(f"{prefix}.{name}", block.get_submodule(name).weight)
         original_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=compute_dtype)
-        ctx = BlockContext(block, i, spec, config, inputs, device, compute_dtype, prefix)
-        ctx.keep_float = {n for n in spec.linears if f"{prefix}.{n}" in keep_float}
+        ctx = BlockContext(block, i, block_spec, config, inputs, device, compute_dtype, prefix)
+        ctx.keep_float = {n for n in block_spec.linears if f"{prefix}.{n}" in keep_float}
         block_results = {n: r for n, r in method.quantize_block(ctx).items() if n not in ctx.keep_float}
         for name, res in block_results.items():
             ctx.write_back(name, res.qweight)

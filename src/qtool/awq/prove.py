@@ -66,6 +66,7 @@ def prove_folds(spec: ArchSpec, probe: BlockProbe) -> list[FoldProof]:
             changes the block's output beyond the tolerance; one line naming the block,
             the group and the fix (``--method gptq`` or ``rtn``).
     """
+    spec = spec.for_block(probe.index)  # the probed block's own groups where blocks differ
     block, x, y = probe.block, probe.args[0], probe.output
     contribution = float((y - x).abs().max()) if y.shape == x.shape else float(y.abs().max())
     tol = RTOL * contribution + ULPS * torch.finfo(torch.float32).eps * float(y.abs().max())

@@ -32,8 +32,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
     qwen2_vl.SPEC, gemma3_vl.SPEC, llava.SPEC,
 )
 
-__all__ = ["ArchSpec", "Producer", "ScaleGroup", "FAMILIES", "spec_for", "get_blocks", "is_registered",
-           "supported_model_types"]
+__all__ = ["ArchSpec", "Producer", "ScaleGroup", "FAMILIES", "spec_for", "resolve_blocks", "get_blocks",
+           "is_registered", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:
@@ -58,8 +58,8 @@ def _has_layout(model: nn.Module, spec: ArchSpec) -> bool:
         return False
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return False
-    for block in blocks:
-        for name in spec.linears:
+    for i, block in enumerate(blocks):
+        for name in spec.for_block(i).linears:
             try:
                 if not isinstance(block.get_submodule(name), nn.Linear):
                     return False
@@ -68,17 +68,37 @@ def _has_layout(model: nn.Module, spec: ArchSpec) -> bool:
     return True
 
 
+def resolve_blocks(model: nn.Module, spec: ArchSpec) -> ArchSpec:
+    """``spec`` made exact for ``model``'s blocks: with ``block_variant``, every block's own
+    spec in ``per_block`` (read with ``spec.for_block(i)``); in every MoE block the fused
+    experts unfused in place into per-expert linears (same function, ``qtool.models.moe``)
+    and listed. A family without either comes back unchanged.
+
+    Raises:
+        UnsupportedError: a block the family file calls MoE without an experts module, or
+            experts qtool cannot unfuse.
+    """
+    from qtool.models.moe import expand_spec, prepare_experts, unfuse_experts
+
+    if spec.block_variant is None:
+        return spec if spec.moe is None else prepare_experts(model, spec)
+    config = model.config.get_text_config()
+    per_block = []
+    for i, block in enumerate(get_blocks(model, spec)):
+        variant = replace(spec.block_variant(spec, config, i), block_variant=None)
+        if variant.moe is not None:
+            variant = expand_spec(variant, unfuse_experts(block, variant.moe))
+        per_block.append(variant)
+    return replace(spec, per_block=tuple(per_block))
+
+
 def spec_for(model: nn.Module) -> ArchSpec:
-    """The ``ArchSpec`` of ``model`` (a transformers ``PreTrainedModel``). For an MoE
-    family the fused experts of ``model`` are first unfused in place into per-expert
-    linears (same function, ``qtool.models.moe``) and the returned spec lists them."""
+    """The ``ArchSpec`` of ``model`` (a transformers ``PreTrainedModel``), resolved for its
+    blocks (``resolve_blocks``: per-block specs, MoE experts unfused in place and listed)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for spec in FAMILIES:
         if model_type in spec.model_types:
-            if spec.moe is not None:
-                from qtool.models.moe import prepare_experts
-
-                spec = prepare_experts(model, spec)
+            spec = resolve_blocks(model, spec)
             if not _has_layout(model, spec):
                 raise UnsupportedError(
                     f"model_type '{model_type}' does not have the module layout qtool's "

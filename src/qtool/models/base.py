@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from torch import nn
 
@@ -115,6 +116,14 @@ class ArchSpec:
             projector (``qtool.models.vlm``); only the language blocks are quantized.
         auto_class: the transformers auto class that loads the family
             (``AutoModelForImageTextToText`` for vision-language models).
+        block_variant: for a family whose blocks differ in their linears (DeepSeek: the
+            first ``first_k_dense_replace`` blocks have a dense MLP, the others shared and
+            routed experts; its attention has ``q_proj`` or ``q_a_proj``/``q_b_proj`` by
+            config), a function ``(family spec, decoder config, block index) -> that
+            block's spec`` (usually ``replace(spec, sequential=..., moe=...)``); None: every
+            block is described by this spec. ``spec_for`` resolves it into ``per_block``.
+        per_block: the resolved spec of every block (experts unfused and listed), set by
+            ``spec_for`` for a family with ``block_variant``; read it through ``for_block``.
     """
 
     name: str
@@ -129,11 +138,20 @@ class ArchSpec:
     moe: MoESpec | None = None
     float_modules: tuple[str, ...] = ()
     auto_class: str = "AutoModelForCausalLM"
+    block_variant: Callable[[ArchSpec, Any, int], ArchSpec] | None = None
+    per_block: tuple[ArchSpec, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
         """Every quantized linear of a block, in execution order."""
+        # blocks that differ have no common list: each block's is ``for_block(i).linears``
+        assert not self.per_block, f"{self.name}: blocks differ, read spec.for_block(i).linears"
         return tuple(name for group in self.sequential for name in group)
+
+    def for_block(self, index: int) -> ArchSpec:
+        """The spec of block ``index``: its own for a family whose blocks differ
+        (``per_block``), else this spec."""
+        return self.per_block[index] if self.per_block else self
 
 
 # The layout shared by the Llama lineage (Llama, Mistral, Qwen2/3, Gemma, OLMo2, ...):

@@ -90,7 +90,7 @@ def probe_blocks(model: nn.Module, spec: ArchSpec, num_tokens: int = PROBE_TOKEN
         kwargs = _to(captured.block_kwargs[i][0], "cpu", torch.float32)
         with weights.loaded(block, f"{spec.blocks}.{i}"):
             twin = copy.deepcopy(block).float()
-        probe = _trace(twin, i, f"{spec.blocks}.{i}", spec, (hidden,), kwargs)
+        probe = _trace(twin, i, f"{spec.blocks}.{i}", spec.for_block(i), (hidden,), kwargs)
         yield probe
         hidden = probe.output
 
@@ -138,6 +138,7 @@ def check_execution(spec: ArchSpec, probe: BlockProbe) -> None:
     Raises:
         UnsupportedError: one line naming the block, what differs and the fix.
     """
+    spec = spec.for_block(probe.index)  # the probed block's own linears where blocks differ
     where = probe.prefix
     present = {name for name, m in probe.block.named_modules() if isinstance(m, nn.Linear)}
     extra = sorted(present - set(spec.linears) - set(spec.float_linears))
