@@ -19,7 +19,7 @@ import torch.nn as nn
 from qtool.errors import UnsupportedError
 from qtool.models import (cohere, gemma, gemma2, gemma3, glm, granite, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3,
                           smollm3, starcoder2)
-from qtool.models import mixtral, olmoe, qwen2_moe, qwen3_moe  # mixture-of-experts
+from qtool.models import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe  # mixture-of-experts
 from qtool.models import gemma3_vl, llava, qwen2_vl  # vision-language: language blocks only
 from qtool.models.base import ArchSpec, Producer, ScaleGroup
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 FAMILIES: tuple[ArchSpec, ...] = (
     llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma.SPEC, gemma2.SPEC, gemma3.SPEC, olmo2.SPEC,
     phi3.SPEC, granite.SPEC, olmo.SPEC, smollm3.SPEC, starcoder2.SPEC, glm.SPEC, cohere.SPEC,
-    mixtral.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC,
+    mixtral.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek.SPEC, gpt_oss.SPEC,
     qwen2_vl.SPEC, gemma3_vl.SPEC, llava.SPEC,
 )
 
