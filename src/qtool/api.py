@@ -140,6 +140,8 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
                        t_start=t_start)
     if isinstance(free, dict):
         return free
+    mem = _memory_plan(source, config, dtype, dev, stream, False, ())
+    progress("stage", name="memory plan", detail=mem.line())
     progress("stage", name="load", detail=source.display)
     hf_model, tokenizer, folder, weights, streamed = _load_for_quantize(source, dtype, stream)
     progress("stage", name="weights", detail="streamed block by block" if weights.streamed else f"loaded whole ({streamed})")
@@ -215,6 +217,8 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         "resumed_from_block": start,
         "model_free": {"used": False, "reason": free},
         "streamed": {"used": weights.streamed, "reason": streamed},
+        # run-dependent: the memory available and the measured peak (before the save)
+        "memory": {"plan": mem.to_json(), "peak_rss_bytes": _peak_rss()},
     }
     if hasattr(method, "finish"):
         method.finish(output)
@@ -223,6 +227,73 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     work.remove()
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     return {"output": str(output), **record}
+
+
+def memory_plan(model: str | None, config: QuantizeConfig, *, dtype: str = "auto", device: str = "auto",
+                stream: bool | None = None, model_free: bool | None = None, include: tuple[str, ...] = (),
+                progress: Progress = _quiet) -> dict:
+    """``qtool plan``: the memory plan (``qtool.memplan``) of quantizing MODEL with
+    ``config``, from its config and shard headers alone (no weight is read). Raises
+    ``UserInputError`` naming options that would fit when the run would not fit."""
+    source = resolve(model)
+    check_format_options(config, source)
+    dev = resolve_device(device)
+    mem = _memory_plan(source, config, dtype, dev, stream, model_free, include)
+    return {"model": source.display, "line": mem.line(), **mem.to_json()}
+
+
+def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool | None, model_free: bool | None,
+                 include: tuple[str, ...]):
+    """The ``MemoryPlan`` of the path ``quantize`` would take; refuses one that does not fit."""
+    from qtool import memplan, streaming
+    from qtool.loading import check_dtype, local_folder
+
+    check_dtype(dtype)
+    folder = None if source.kind == "gguf" else local_folder(source)
+    free = False
+    if config.method == "rtn" and model_free is not False and folder is not None:
+        from qtool import model_free as mf
+
+        try:
+            mf.make_plan(Path(folder), config, dtype, tuple(include), explicit=bool(model_free or include))
+            free = True
+        except (mf.NotIdentical, UnsupportedError):
+            free = False
+    streamed = stream is not False and not free and streaming.check(folder, dtype) is None
+    skeleton = skeleton_model(source)
+    if skeleton is None:
+        raise UserInputError(f"cannot plan {source.display}: transformers cannot build it from its config")
+    spec = spec_for(skeleton)
+    load_bytes = None if dtype == "auto" else {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    if dtype == "auto" and folder is not None:
+        from qtool.model_free import _config_dtype
+        from qtool.tensorfiles import source_tensors
+
+        target = _config_dtype(json.loads((Path(folder) / "config.json").read_text()), source_tensors(Path(folder)), "auto")
+        load_bytes = None if target is None else torch.empty(0, dtype=target).element_size()
+    kw = dict(streamed=streamed, model_free=free, device=dev, load_bytes=load_bytes)
+    mem = memplan.estimate(skeleton, spec, config, **kw)
+    if not mem.fits:
+        fixes = memplan.fitting_options(skeleton, spec, config, mem, **kw)
+        hint = f"try {' or '.join(fixes)}" if fixes else "use a machine with more memory (or a GPU with --device cuda)"
+        where = "CPU" if mem.peak_cpu > mem.available_cpu else "device"
+        need, have = (mem.peak_cpu, mem.available_cpu) if where == "CPU" else (mem.peak_device, mem.available_device)
+        raise UserInputError(f"not enough memory: this run needs about {need / memplan.GIB:.1f} GiB of {where} memory "
+                             f"and {have / memplan.GIB:.1f} GiB are available ({mem.line()}); {hint}")
+    return mem
+
+
+def _join_processes(dev: torch.device, config: QuantizeConfig):
+    """``(device, world)``: under torchrun (``WORLD_SIZE`` > 1) this process joins the run's
+    process group and gets its own device (``qtool.distributed``); runs with no calibration
+    to share out are refused first. One process: ``(dev, World())``."""
+    world = distributed.env_world()
+    if world.size > 1 and (config.method == "rtn" or config.awq_load_search):
+        what = "--method rtn" if config.method == "rtn" else "--load-search"
+        raise UserInputError(f"{world.size} processes share out the calibration work and {what} has none: "
+                             "run it as one process, without torchrun")
+    dev = distributed.init(dev)
+    return dev, distributed.current()
 
 
 def _load_for_quantize(source, dtype: str, stream: bool | None):
@@ -256,6 +327,12 @@ def _load_for_quantize(source, dtype: str, stream: bool | None):
         raise UserInputError(f"--stream: this model cannot be streamed ({reason}); drop --stream to load it whole")
     model, tokenizer, folder = load_model(source, dtype)
     return model, tokenizer, folder, streaming.InMemory(), reason
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bool, resume: bool, restart: bool,
