@@ -102,8 +102,10 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
     elt = load_bytes or next(p.element_size() for p in model.parameters() if p.is_floating_point())
     mcfg = getattr(model.config, "get_text_config", lambda: model.config)()
     hidden = mcfg.hidden_size
-    linears = [(lin.out_features, lin.in_features) for b in blocks[:1] for lin in
-               (b.get_submodule(n) for n in spec.linears)] if blocks else []
+    # the largest block's linears (blocks may differ: DeepSeek's dense first blocks, ArchSpec.for_block)
+    big = max(range(len(blocks)), key=lambda i: sum(p.numel() for p in blocks[i].parameters()), default=None)
+    linears = [] if big is None else [(lin.out_features, lin.in_features) for lin in
+                                      (blocks[big].get_submodule(n) for n in spec.for_block(big).linears)]
     parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
     if model_free:
         n, k = max(linears, key=lambda s: s[0] * s[1], default=(0, 0))
