@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from qtool import __version__
+from qtool import __version__, distributed
 from qtool.config import AWQ_METHODS, QuantizeConfig, resolve_awq_search_tokens
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import check_output_path, load_quantized_model, read_qtool_json, sha256_file
@@ -119,7 +119,11 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     be, lie inside or contain the source model, even with ``force``. ``command``: the
     command line that started the run, for the model card (default: the equivalent
     ``qtool quantize`` line, ``card.equivalent_command``). Returns the
-    ``qtool.json`` record."""
+    ``qtool.json`` record.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes share the calibration work
+    (``qtool.distributed``): rank 0 writes and returns the record; the others return
+    ``{"output", "rank", "world_size"}`` once the checkpoint is written."""
     from qtool.calib import load_calibration
     from qtool.card import equivalent_command, source_facts
     from qtool.coverage import plan_coverage
@@ -133,7 +137,9 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     check_output_path(output, force, source_paths(source))
     check_work_dir(output, resume, restart, source_paths(source))
     check_format_options(config, source)
-    dev = resolve_device(device)
+    dev, world = _join_processes(resolve_device(device), config)
+    if not world.leader:  # several processes (torchrun): rank 0 reports
+        progress = _quiet
     free = _model_free(source, output, config, dtype=dtype, force=force, resume=resume, restart=restart,
                        model_free=model_free,
                        include=tuple(include), model=model, command=command, device=device, progress=progress,
@@ -159,11 +165,15 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         calib = (load_image_text(config.calib, folder, config.nsamples, config.seqlen, config.seed)
                  if is_image_text(config.calib) else
                  load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed))
+    # this process's chunks (all of them in a single process): qtool.distributed
+    local_ids = None if calib is None else distributed.local_calibration(calib.input_ids, config.batch_size)
     fp = fingerprint(model_fingerprint(folder, None if folder else source.path),
                      None if calib is None else calib.sha256, {**config.to_dict(), "dtype": dtype, "device": dev.type})
-    work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp, restart)
+    distributed.barrier()  # every process checked the output and work folders before rank 0 makes one
+    # rank 0 writes the work folder; every process reads it to resume
+    work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp, restart) if world.leader else None
     blocks = get_blocks(hf_model, spec)
-    start, done, inputs = work.next_block, {}, None
+    start, done, inputs = 0 if work is None else work.next_block, {}, None
     if start:
         progress("stage", name="resume", detail=f"{start}/{len(blocks)} blocks already done in {work.path}")
         done, extras = work.load_results()
@@ -173,28 +183,34 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
             from qtool.pipeline import _model_dtype
 
             dtype_c = torch.float32 if dev.type == "cpu" else _model_dtype(hf_model)
-            captured = capture_inputs(hf_model, spec, calib.input_ids, config.batch_size, dev, dtype_c)
-            inputs = captured.at_block(start, work.load_inputs())
+            captured = capture_inputs(hf_model, spec, local_ids, config.batch_size, dev, dtype_c)
+            inputs = captured.at_block(start, distributed.local_chunks(work.load_inputs()))
 
     block_delay = float(os.environ.get("QTOOL_TEST_BLOCK_DELAY", "0"))  # lets tests interrupt mid-loop
     pack = layer_packer(config)
 
     def checkpoint_block(index, block, prefix, named, next_hidden):
-        extra = method.block_state(prefix) if hasattr(method, "block_state") else None
-        work.save_block(index, block, prefix, named, next_hidden, pack, extra)
+        if next_hidden is not None:  # the work folder keeps every process's chunks, in order
+            next_hidden = distributed.gather_chunks(next_hidden)
+        if world.leader:
+            extra = method.block_state(prefix) if hasattr(method, "block_state") else None
+            work.save_block(index, block, prefix, named, next_hidden, pack, extra)
         if block_delay:
             time.sleep(block_delay)
 
     with _stop_on_signals() as stop:
-        results = quantize_model(hf_model, spec, method, config, None if calib is None else calib.input_ids, dev,
+        results = quantize_model(hf_model, spec, method, config, local_ids, dev,
                                  progress, start_block=start, on_block_done=checkpoint_block, inputs=inputs,
-                                 should_stop=stop, keep_float=frozenset(shapes) - set(coverage.quantized),
+                                 should_stop=lambda: distributed.any_rank(stop()), keep_float=frozenset(shapes) - set(coverage.quantized),
                                  weights=weights, keep_qweights=False) if start < len(blocks) else {}
     results = {**done, **results}
     missing = sorted(set(coverage.quantized) - set(results))
     if missing:
         raise UnsupportedError(f"{len(missing)} planned weight(s) were not quantized, e.g. {missing[0]}; "
                                "please report this model")
+    if not world.leader:  # rank 0 writes the checkpoint: wait until it is written
+        distributed.barrier()
+        return {"output": str(output), "rank": world.rank, "world_size": world.size}
     t_quant = time.perf_counter()
     if config.awq_save_search:
         from qtool.awq.search_io import save_search
@@ -217,6 +233,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         "resumed_from_block": start,
         "model_free": {"used": False, "reason": free},
         "streamed": {"used": weights.streamed, "reason": streamed},
+        **({"distributed": {"processes": world.size}} if world.size > 1 else {}),
         # run-dependent: the memory available and the measured peak (before the save)
         "memory": {"plan": mem.to_json(), "peak_rss_bytes": _peak_rss()},
     }
@@ -225,6 +242,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     record = save_from_blocks(output, hf_model, spec.blocks, work, lambda names: weights.rest(hf_model, names),
                               tokenizer, folder, config, provenance, force=force)
     work.remove()
+    distributed.barrier()  # the other processes return once the checkpoint is written
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     return {"output": str(output), **record}
 

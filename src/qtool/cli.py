@@ -52,9 +52,13 @@ def _global(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    STATE.json, STATE.quiet, STATE.debug = json_out, quiet, debug
+    from qtool.distributed import env_world
+
+    follower = not env_world().leader  # another process of a torchrun run: rank 0 reports
+    STATE.json, STATE.quiet, STATE.debug = json_out and not follower, quiet or follower, debug
     _quiet_library_bars()
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if (quiet or json_out) else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR if follower else
+                        logging.WARNING if (quiet or json_out) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -198,6 +202,10 @@ def quantize(
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume, restart=restart, command=_command_line(), model_free=model_free,
                                 include=tuple(include or ()), stream=stream)
+    if "rank" in result:  # not rank 0 of a torchrun run: rank 0 prints the result
+        print(f"qtool: rank {result['rank']}/{result['world_size']} done; rank 0 wrote {result['output']}",
+              file=sys.stderr)
+        return
     result["files_written"] = _files_in(result["output"])
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
@@ -410,6 +418,9 @@ def main() -> None:
             raise
         print(f"qtool: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", file=sys.stderr)
         code = EXIT_INTERNAL
+    from qtool.distributed import shutdown
+
+    shutdown()  # a torchrun process group this run opened: closing it lets the peers of a failed run stop at once
     sys.exit(code)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qtool import distributed
 from qtool.awq.fake_quant import fake_quantize
 from qtool.awq.stats import ModuleCalls
 from qtool.errors import NumericsError
@@ -133,18 +134,19 @@ def search_module_scale(module: nn.Module, linears: Sequence[nn.Linear], calls: 
     stacked = torch.cat([w.float() for w in originals])  # [sum n, k]
     # the float reference output, computed once per group
     targets = calls.replay(module)
-    count = sum(t.numel() for t in targets)
+    # with several processes each replays its own search chunks and the sums are the run's
+    count = distributed.sum_counts(sum(t.numel() for t in targets))
 
     def losses_of(scales: torch.Tensor) -> list[float]:
         fakes = scaled_fake_weights(stacked, scales.to(stacked.device), bits, group_size, sym)  # [A, sum n, k]
-        out = []
+        totals = []
         for fake in fakes:
             for lin, w, part in zip(linears, originals, fake.split(rows)):
                 lin.weight.data = part.to(w.dtype)
             outs = calls.replay(module)
-            total = sum(float(((o.float() - t.float()) ** 2).sum(dtype=torch.float64)) for o, t in zip(outs, targets))
-            out.append(total / max(count, 1))
-        return out
+            totals.append(sum(float(((o.float() - t.float()) ** 2).sum(dtype=torch.float64))
+                              for o, t in zip(outs, targets)))
+        return [total / max(count, 1) for total in distributed.sum_floats(totals)]
 
     try:
         return grid_search(losses_of, mean_abs, grid, name, _batch_for(stacked.numel()))

@@ -14,6 +14,10 @@ sequences are kept because attention needs them. Scale folding is exact in float
 folding stay valid for every group: a group's fold only rescales its own linears' input,
 which the method tracks (``H -> H / (s s^T)``) for the clip search.
 
+Several processes (``qtool.distributed``): each runs its own chunks; the statistics and
+the module-scored search losses are summed over the processes, so all pick the same
+scales; the clip search of linear ``j`` runs on rank ``j mod N`` and its bounds are shared.
+
 With ``load_search`` the searches are skipped: the given scales and clip bounds are
 applied as they are, which needs no calibration data and reproduces the searched
 checkpoint exactly.
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtool import distributed
 from qtool.awq.apply import fold_scales
 from qtool.awq.auto_clip import search_clip
 from qtool.awq.auto_scale import search_linear_scale, search_module_scale
@@ -113,7 +118,9 @@ class AWQMethod:
         cfg = ctx.config
         source_of = _source_of(ctx)
         assert ctx.inputs is not None
-        n_search = search_chunk_count([h.shape[0] * h.shape[1] for h in ctx.inputs.hidden], self.search_tokens)
+        # the run's leading chunks (with several processes, spread over them: qtool.distributed)
+        tokens = distributed.all_chunks([h.shape[0] * h.shape[1] for h in ctx.inputs.hidden])
+        n_search = distributed.local_prefix(search_chunk_count(tokens, self.search_tokens))
         input_stats, calls = collect_block_stats(ctx.run, ctx.block, [seq[0] for seq in ctx.spec.sequential],
                                                  [g.module for g in groups if not _scores_single_linear(g)], n_search)
         for src, st in input_stats.items():
@@ -149,15 +156,19 @@ class AWQMethod:
                 layer_stats[n] = {"alpha": res.alpha, "scale_err_ratio": ratio, "seconds": seconds}
         clip_max: dict[str, torch.Tensor] = {}
         if cfg.awq_clip:
-            for name in ctx.spec.linears:
-                if name in ctx.spec.no_clip:
-                    continue
-                t0 = time.perf_counter()
-                clip_max[name] = search_clip(ctx.linear(name).weight, grams[source_of[name]], cfg.bits,
-                                             cfg.group_size, cfg.symmetric, self.clip_grid, self.clip_max_shrink).cpu()
+            clipped = [(j, name) for j, name in enumerate(ctx.spec.linears) if name not in ctx.spec.no_clip]
+            searched: dict[str, tuple[torch.Tensor, float]] = {}
+            for j, name in clipped:  # linear j on rank j mod N, then shared (all here in one process)
+                if distributed.owns(j):
+                    t0 = time.perf_counter()
+                    bound = search_clip(ctx.linear(name).weight, grams[source_of[name]], cfg.bits, cfg.group_size,
+                                        cfg.symmetric, self.clip_grid, self.clip_max_shrink).cpu()
+                    searched[name] = (bound, time.perf_counter() - t0)
+            for j, name in clipped:
+                clip_max[name], seconds = distributed.broadcast(searched.get(name), distributed.owner(j))
                 self.search_results["clip_max"][ctx.full_name(name)] = clip_max[name]
                 entry = layer_stats.setdefault(name, {"seconds": 0.0})
-                entry["seconds"] += time.perf_counter() - t0
+                entry["seconds"] += seconds
         for entry in layer_stats.values():
             entry["seconds"] = round(entry["seconds"], 3)
         return BlockPlan(clip_max, layer_stats, {name: grams[src] for name, src in source_of.items()})

@@ -9,6 +9,9 @@ the inputs of o_proj and down_proj) this keeps
   exact quadratic form of a linear's output error, used by the linear-only scale search
   and by the clip search.
 
+With several processes (``qtool.distributed``) each sees its own chunks and the sums
+(per-channel |x|, Gram matrices, token counts) are added over the processes before use.
+
 For every scored non-linear module (attention, MLP) it keeps the exact positional and
 keyword arguments the block called it with on the search chunks, so the search can
 re-run that module alone (with masks and rotary tables) instead of the whole block.
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from qtool import distributed
 
 
 @dataclass
@@ -62,7 +67,17 @@ class _InputAccumulator:
         self.calls += 1
 
     def result(self) -> InputStats:
-        assert self.abs_sum is not None and self.gram is not None
+        assert self.abs_sum is not None
+        if distributed.current().size > 1:  # the run's sums: every process's chunks
+            k = self.abs_sum.shape[0]
+            if self.gram is None:  # none of the search chunks is this process's
+                self.gram = torch.zeros(k, k, dtype=torch.float32, device=self.abs_sum.device)
+            # clones: the sums were made in inference mode, which forbids updating them in place here
+            self.abs_sum = distributed.all_reduce_sum(self.abs_sum.clone())
+            self.gram = distributed.all_reduce_sum(self.gram.clone())
+            self.num_tokens = distributed.sum_counts(self.num_tokens)
+            self.search_tokens = distributed.sum_counts(self.search_tokens)
+        assert self.gram is not None
         # clone outside inference mode: these feed parameter updates later
         mean_abs = (self.abs_sum / max(self.num_tokens, 1)).float().cpu().clone()
         return InputStats(mean_abs, regularised_gram(self.gram.clone(), self.search_tokens), self.num_tokens,

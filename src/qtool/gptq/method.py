@@ -9,6 +9,10 @@ whole block then costs about one forward pass plus the Hessians, and the block's
 for the next block comes out of the last stage for free. The result is identical to the
 re-running path (same tensors, same order of operations).
 
+Several processes (``qtool.distributed``): each collects Hessians from its own chunks and
+they are summed before any solve; linear ``j`` of the block is solved on rank ``j mod N``
+and its result broadcast (``_share``), so every process writes back the same weights.
+
 Mixture-of-experts blocks (``qtool.models.moe``): every routed expert has its own Hessians,
 from the tokens the router sends it (all experts' gate/up in one pass, then all downs);
 its token count and the policy it got (``calibrated``, or ``--moe-low-tokens`` under
@@ -24,6 +28,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from qtool import distributed
 from qtool.gptq.hessian import HessianAccumulator
 from qtool.gptq.solver import gptq_quantize
 from qtool.layer_error import layer_errors
@@ -62,6 +67,7 @@ class GPTQMethod:
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]:
         self.out: dict[str, LayerResult] = {}
+        self.pending: list[str] = []  # solved (here or on another rank), not yet shared and written back
         spec = ctx.spec
         if ctx.config.true_sequential and spec.attention and spec.mlp and len(spec.sequential) == 4:
             self._replayed_stages(ctx)
@@ -83,6 +89,7 @@ class GPTQMethod:
                         self._round(ctx, group, info)
                     else:
                         self._solve(ctx, group, hessians[group[0]], info)
+                self._share(ctx)
         return self.out
 
     # -- pieces -------------------------------------------------------------------------
@@ -93,9 +100,10 @@ class GPTQMethod:
         receives each source's number of input rows (tokens)."""
         accs = {s: HessianAccumulator(ctx.linear(s).in_features, ctx.full_name(s), device=ctx.device) for s in sources}
         ctx.collect_inputs({s: accs[s].add for s in sources})
+        reduced = {s: _run_hessian(acc) for s, acc in accs.items()}
         if counts is not None:
-            counts.update({s: acc.nsamples for s, acc in accs.items()})
-        return {s: acc.hessian for s, acc in accs.items()}
+            counts.update({s: n for s, (_, n) in reduced.items()})
+        return {s: h for s, (h, _) in reduced.items()}
 
     def _stage_hessians(self, ctx: BlockContext, sources: list[str]) -> tuple[dict[str, torch.Tensor], set[str]]:
         """Hessians of ``sources`` and the routed-expert sources under ``--moe-min-tokens``.
@@ -139,8 +147,13 @@ class GPTQMethod:
             self.out[name] = LayerResult(qw, {**errors, **info})
 
     def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessian: torch.Tensor, info: dict | None = None) -> None:
+        """Solve the linears of ``group`` this process owns (all in one process); ``_share``
+        then gives every process every result and writes them back."""
         cfg = ctx.config
         for name in group:
+            self.pending.append(name)
+            if not distributed.owns(ctx.spec.linears.index(name)):
+                continue
             lin = ctx.linear(name)
             t0 = time.perf_counter()
             res = gptq_quantize(lin.weight, hessian, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.symmetric,
@@ -150,20 +163,31 @@ class GPTQMethod:
             if lin.bias is not None:
                 qw = replace(qw, bias=lin.bias.detach().to("cpu").clone())
             errors = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device), hessian)  # before write-back
-            ctx.write_back(name, qw)
             self.out[name] = LayerResult(qw, {"loss": res.loss, "damp": res.damp_used, **errors, **(info or {}),
                                               "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _share(self, ctx: BlockContext) -> None:
+        """Every process gets each pending result from the rank that solved it and writes
+        it back (a group's linears are independent: deferring their write-backs changes
+        nothing)."""
+        for name in self.pending:
+            res = distributed.broadcast(self.out.get(name), distributed.owner(ctx.spec.linears.index(name)))
+            self.out[name] = res
+            ctx.write_back(name, res.qweight)
+        self.pending = []
 
     def _replayed_stages(self, ctx: BlockContext) -> None:
         spec, block, dev = ctx.spec, ctx.block, ctx.device
         qkv, (o_name,), up_group, (down_name,) = spec.sequential
         # 1. q/k/v: their input is the normed block input
         self._solve(ctx, qkv, self._hessians(ctx, [qkv[0]])[qkv[0]])
+        self._share(ctx)
         # 2. o_proj: its input is the attention with quantized q/k/v
         o_inputs: list[torch.Tensor] = []
         acc = HessianAccumulator(ctx.linear(o_name).in_features, ctx.full_name(o_name), device=dev)
         ctx.collect_inputs({o_name: lambda x: (acc.add(x), o_inputs.append(x.clone()))})
-        self._solve(ctx, (o_name,), acc.hessian)
+        self._solve(ctx, (o_name,), _run_hessian(acc)[0])
+        self._share(ctx)
         # 3. gate/up: replay the attention as quantized o_proj(cached input)
         o_proj = ctx.linear(o_name)
         with torch.inference_mode():
@@ -176,7 +200,8 @@ class GPTQMethod:
             ctx.collect_inputs({spec.mlp: lambda x: (acc.add(x), mlp_inputs.append(x.clone()))})
         finally:
             _swap(block, spec.attention, attention)
-        self._solve(ctx, up_group, acc.hessian)
+        self._solve(ctx, up_group, _run_hessian(acc)[0])
+        self._share(ctx)
         # 4. down_proj: run only the MLP (with quantized gate/up) on the cached MLP input
         mlp = block.get_submodule(spec.mlp)
         down_inputs: list[torch.Tensor] = []
@@ -198,7 +223,8 @@ class GPTQMethod:
         finally:
             hook.remove()
         mlp_inputs.clear()
-        self._solve(ctx, (down_name,), acc.hessian)
+        self._solve(ctx, (down_name,), _run_hessian(acc)[0])
+        self._share(ctx)
         # 5. the block's output: both halves replayed from the cached tensors
         down = ctx.linear(down_name)
         with torch.inference_mode():
@@ -211,3 +237,9 @@ class GPTQMethod:
         finally:
             _swap(block, spec.attention, attention)
             _swap(block, spec.mlp, mlp)
+
+
+def _run_hessian(acc: HessianAccumulator) -> tuple[torch.Tensor, int]:
+    """``(H, tokens)`` of the whole run: this process's Hessian, or with several processes
+    their token-weighted mean (``qtool.distributed.mean_over_ranks``)."""
+    return distributed.mean_over_ranks(acc.hessian, acc.nsamples)
