@@ -75,24 +75,21 @@ def write_model(folder: Path, depth: int, hidden: int, tokenizer_from: Path, blo
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
             shutil.copy(f, folder / f.name)
     gen = torch.Generator().manual_seed(depth)
-    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": _rand((cfg["vocab_size"], hidden), gen),
-                                              "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}]
-    for b in range(depth):
-        if b % blocks_per_shard == 0:
-            shards.append({})
-        for name, shape in block_shapes(cfg).items():
-            t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else _rand(shape, gen)
-            shards[-1][f"model.layers.{b}.{name}"] = t
-    # written one shard at a time (a shard is a few blocks), then the index
+    groups = [None] + [list(range(b, min(b + blocks_per_shard, depth))) for b in range(0, depth, blocks_per_shard)]
     weight_map, total = {}, 0
-    n = len(shards)
-    for k, tensors in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    for k, group in enumerate(groups):  # one shard's tensors in memory at a time
+        if group is None:
+            tensors = {"model.embed_tokens.weight": _rand((cfg["vocab_size"], hidden), gen),
+                       "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        else:
+            tensors = {f"model.layers.{b}.{name}": torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1
+                       else _rand(shape, gen) for b in group for name, shape in block_shapes(cfg).items()}
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         for key, t in tensors.items():
             weight_map[key] = name
             total += t.numel() * t.element_size()
-        shards[k] = {}
+        del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": weight_map}, indent=2))
     return total
