@@ -167,6 +167,9 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
                  load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed))
     # this process's chunks (all of them in a single process): qtool.distributed
     local_ids = None if calib is None else distributed.local_calibration(calib.input_ids, config.batch_size)
+    if world.size > 1 and local_ids is not None:
+        progress("stage", name="processes", detail=f"{world.size} (torchrun); rank 0 runs {len(local_ids)} of the "
+                                                   f"{len(calib.input_ids)} calibration samples")
     fp = fingerprint(model_fingerprint(folder, None if folder else source.path),
                      None if calib is None else calib.sha256, {**config.to_dict(), "dtype": dtype, "device": dev.type})
     distributed.barrier()  # every process checked the output and work folders before rank 0 makes one

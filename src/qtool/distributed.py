@@ -143,9 +143,9 @@ def _collective(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RuntimeError as exc:  # gloo/NCCL report a lost peer or a timeout as RuntimeError (DistBackendError)
-        raise PeerStopped(f"another process of this distributed run stopped (its own error is printed above; "
-                          f"here: {str(exc).splitlines()[0][:160]}); fix that and rerun the same command, "
-                          "with --resume to continue after the finished blocks") from exc
+        raise PeerStopped("another process of this distributed run failed or stopped answering (its error is "
+                          "printed above): fix that and rerun the same command, with --resume to continue after "
+                          "the finished blocks") from exc
 
 
 # -- calibration chunks ---------------------------------------------------------------
