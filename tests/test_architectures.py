@@ -267,7 +267,7 @@ def test_awq_refusal_comes_before_calibration(tmp_path, monkeypatch, mini_dirs):
     monkeypatch.setattr(qtool.calib, "load_calibration", no_calibration)
     out = tmp_path / "out"
     with pytest.raises(UnsupportedError, match="AWQ cannot fold.*use --method gptq or rtn"):
-        qtool.api.quantize(str(tokenizer_dir), out, QuantizeConfig(method="awq", group_size=32))
+        qtool.api.quantize(str(tokenizer_dir), out, QuantizeConfig(method="awq", group_size=32), stream=False)
     assert not out.exists()
 
 

@@ -171,7 +171,7 @@ def plan_family(folder: Path, config, tensors: dict[str, ByteRange], dtype: str,
             raise NotIdentical("the source mixes float dtypes and its config names none")
         if any(e.dtype.is_floating_point and e.dtype != target for e in tensors.values()):
             raise NotIdentical(f"some source tensors are not {target} (transformers would cast them on load)")
-        if getattr(skeleton, "_keep_in_fp32_modules", None):
+        if getattr(skeleton, "_keep_in_fp32_modules", None) or getattr(skeleton, "_keep_in_fp32_modules_strict", None):
             raise NotIdentical("the family keeps modules in float32 on load")
     plain = [k for k in plain if k in tensors] + sorted(set(tensors) - set(plain) - {f"{n}.weight" for n in quantized}
                                                         - {f"{n}.bias" for n in quantized}

@@ -85,10 +85,11 @@ class Streamed:
         for name, _ in list(module.named_parameters()):
             owner, leaf = _owner(module, name)
             owner._parameters[leaf] = nn.Parameter(self.tensor(f"{prefix}.{name}"), requires_grad=False)
-        for name in list(module.state_dict(keep_vars=True)):
+        for name in list(module.state_dict(keep_vars=True)):  # persistent buffers: the source's values
             owner, leaf = _owner(module, name)
-            if leaf in owner._buffers and owner._buffers[leaf] is not None and owner._buffers[leaf].is_meta:
-                owner._buffers[leaf] = self.tensor(f"{prefix}.{name}")
+            if leaf in owner._buffers and owner._buffers[leaf] is not None and f"{prefix}.{name}" in self.entries:
+                buf = self.tensor(f"{prefix}.{name}")
+                owner._buffers[leaf] = buf.to(owner._buffers[leaf].dtype) if buf.is_floating_point() else buf
 
     def release(self, module: nn.Module) -> None:
         """Put every parameter of ``module`` back on the meta device (its memory is freed)."""
@@ -171,7 +172,7 @@ def _checked_skeleton(folder: str, dtype: str):
     spec = spec_for(model)
     if getattr(spec, "float_modules", ()):
         raise NotStreamable("the model has a vision tower (loaded whole)")
-    if getattr(model, "_keep_in_fp32_modules", None):
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         raise NotStreamable("the family keeps modules in float32 on load")
     if any(e.dtype.is_floating_point and e.dtype != target for e in entries.values()):
         raise NotStreamable(f"some source tensors are not {target} (transformers would cast them on load)")
