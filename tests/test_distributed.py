@@ -14,16 +14,31 @@ thread, on mini models.
   token counts summed over the processes are checked against one process's too.
 
 Tolerance, and why. Each chunk's activations are the single process's (the same samples,
-batched the same way); only the order of the sums over chunks differs (per-process
-partial sums; GPTQ's running-mean Hessians combined as ``sum_r N_r H_r / N``), which moves
-the statistics by float32 rounding, about 1e-7 relative. A code changes only when its
-value lies that close to a rounding boundary (expected: well under one per layer here),
-and a changed code can move a few later ones through GPTQ's error updates. So at most
-``MAX_CHANGED`` = 1e-3 of the codes, and separately of the float16 scales, zeros and
-g_idx entries (a scale moves by whole float16 ulps or not at all), may differ; the other
-float tensors (norms, which carry AWQ's folded scales) agree to rtol 1e-5. Real faults
-give far more: without the Hessian all-reduce 30% of the codes differ, without the AWQ
-loss all-reduce 8% (measured on these models when this test was written).
+batched the same way), and every solve and search is the same function of the same
+statistics; only the order of the sums over chunks differs (per-process partial sums;
+GPTQ's running-mean Hessians combined as ``sum_r N_r H_r / N``), which moves the
+statistics by float32 rounding, about 1e-7 relative. That is not "the same codes up to
+a few": where a discrete decision lies that close to its threshold (a code on a rounding
+boundary, two nearly equal ``diag(H)`` entries in GPTQ's act-order, two nearly equal
+losses on AWQ's grids) it can go the other way, and everything after it differs for
+real: GPTQ's error feedback, act-order and the next blocks' Hessians carry it on. Such a
+run is another, equally good quantization (measured on the mini Llama: ``--asym
+--static-groups`` GPTQ and awq-gptq, 15% of the codes differ, every layer's output error
+within 1.6% of one process's), and it happens by chance with the machine's rounding.
+So two tiers:
+
+1. Before any decision could go another way, the agreement is rounding-level: the
+   linears that read block 0's float input (q/k/v, ``FIRST``) have at most ``MAX_CHANGED``
+   = 1e-3 of their codes different (a boundary code and its row's error feedback), the
+   same AWQ ``alpha``, their GPTQ ``loss`` / AWQ ``scale_err_ratio`` within 1e-4
+   relative (measured: 1e-5 and 0), and block 0's input norm (AWQ folds the q/k/v scales
+   into it) within rtol 1e-5.
+2. Every layer is quantized as well: its relative output error (``qtool.json``, on the
+   run's own statistics) is within ``MAX_LAYER_ERROR`` = 5% (relative) of one process's.
+
+A missing all-reduce fails both: without the Hessian sum 23% of block 0's q/k/v codes
+differ and a layer's error moves by 27%; without the AWQ loss sum q/k/v's alpha changes
+(0.05 -> 0) and a layer's error moves by 11%.
 """
 
 from __future__ import annotations
@@ -48,8 +63,11 @@ pytestmark = [
 ]
 
 HERE = Path(__file__).resolve().parent
-MAX_CHANGED = 1e-3
 CALIB = ("--nsamples", "8", "--seqlen", "64", "--batch-size", "2")  # 4 chunks: 2 per process
+FIRST = tuple(f"model.layers.0.self_attn.{n}_proj" for n in "qkv")  # they read block 0's float input
+MAX_CHANGED = 1e-3
+MAX_LAYER_ERROR = 0.05
+ERROR = "rel_output_error_pct"
 
 
 def _torchrun(*args, monitor_interval: float = 0.1) -> subprocess.CompletedProcess:
@@ -72,28 +90,30 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _assert_close(one: Path, two: Path) -> None:
-    """The checkpoints of one and of two processes agree within the module's tolerance."""
+def _assert_equivalent(one: Path, two: Path) -> None:
+    """The checkpoints of one and of two processes agree as the module docstring says."""
     from qtool.io import read_quantized_layers
 
     layers_one, rest_one, fmt_one, _ = read_quantized_layers(one)
     layers_two, rest_two, fmt_two, _ = read_quantized_layers(two)
     assert fmt_one == fmt_two and layers_one.keys() == layers_two.keys() and rest_one.keys() == rest_two.keys()
-    for field in ("codes", "scales", "zeros", "g_idx"):
-        changed = total = 0
-        for name, a in layers_one.items():
-            ta, tb = getattr(a, field), getattr(layers_two[name], field)
-            assert (ta is None) == (tb is None), (name, field)
-            if ta is not None:
-                assert ta.shape == tb.shape and ta.dtype == tb.dtype, (name, field)
-                changed += int((ta != tb).sum())
-                total += ta.numel()
-        assert changed <= MAX_CHANGED * total, f"{changed} of {total} {field} differ"
-    for name, t in rest_one.items():
-        if t.is_floating_point():
-            torch.testing.assert_close(rest_two[name], t, rtol=1e-5, atol=1e-7)
-        else:
-            assert torch.equal(rest_two[name], t), name
+    stats_one = json.loads((one / "qtool.json").read_text())["layers"]
+    stats_two = json.loads((two / "qtool.json").read_text())["layers"]
+    # tier 1: the linears that read block 0's float input
+    changed = sum(int((layers_one[n].codes != layers_two[n].codes).sum()) for n in FIRST)
+    total = sum(layers_one[n].codes.numel() for n in FIRST)
+    assert changed <= MAX_CHANGED * total, f"{changed} of {total} codes of block 0's q/k/v differ"
+    for name in FIRST:
+        a, b = stats_one[name], stats_two[name]
+        assert a.get("alpha") == b.get("alpha"), name
+        for key in ("loss", "scale_err_ratio"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (name, key)
+    norm = "model.layers.0.input_layernorm.weight"
+    torch.testing.assert_close(rest_two[norm], rest_one[norm], rtol=1e-5, atol=0)
+    # tier 2: every layer quantized as well
+    for name, a in stats_one.items():
+        assert stats_two[name][ERROR] == pytest.approx(a[ERROR], rel=MAX_LAYER_ERROR), name
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
@@ -109,7 +129,7 @@ def test_two_processes_give_the_one_process_checkpoint(capsys, tmp_path, mini_ll
     assert record["distributed"] == {"processes": 2}
     assert "distributed" not in json.loads((tmp_path / "one" / "qtool.json").read_text())
     assert not (tmp_path / "two.qtool-work").exists()
-    _assert_close(tmp_path / "one", tmp_path / "two")
+    _assert_equivalent(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_failed_process_stops_the_run_and_one_process_resumes_it(capsys, tmp_path, calib_txt, default_model_dir):
@@ -141,10 +161,14 @@ def test_a_failed_process_stops_the_run_and_one_process_resumes_it(capsys, tmp_p
     with _one_thread():
         assert run_cli(capsys, "-q", *args, "-o", two, "--resume").code == 0
         assert run_cli(capsys, "-q", *args, "-o", tmp_path / "one").code == 0
-    _assert_close(tmp_path / "one", two)
+    _assert_equivalent(tmp_path / "one", two)
     resumed = json.loads((two / "qtool.json").read_text())
     single = json.loads((tmp_path / "one" / "qtool.json").read_text())
     assert resumed["resumed_from_block"] == 1
-    tokens = {n: s["expert_tokens"] for n, s in single["layers"].items() if "expert_tokens" in s}
-    assert len(tokens) == 2 * 4 * 3  # blocks x experts x linears
-    assert {n: s.get("expert_tokens") for n, s in resumed["layers"].items() if n in tokens} == tokens
+    # block 0 was quantized by two processes: its experts' token counts are the run's (summed),
+    # as in one process up to routing ties that a changed attention code may move
+    gates = [f"model.layers.0.block_sparse_moe.experts.{e}.w1" for e in range(4)]
+    counts = [resumed["layers"][n]["expert_tokens"] for n in gates]
+    assert sum(counts) == 8 * 64 * 2  # every calibration token routed to its top 2
+    for count, name in zip(counts, gates):
+        assert abs(count - single["layers"][name]["expert_tokens"]) <= 0.05 * count, name
