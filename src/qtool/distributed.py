@@ -40,12 +40,14 @@ samples, batched the same way, the same operations); each solve and search is th
 function of the same statistics. What changes is the order of the sums over chunks: a
 sum becomes a sum of per-process partial sums (GPTQ: the per-process running means
 combined as ``sum_r N_r H_r / N``). That moves statistics by float32 rounding (relative
-1e-7), which can flip a code that sits on a rounding boundary, and a flipped code shifts
-GPTQ's error updates for the later columns and the next blocks' inputs a little. So
-a distributed run gives the same checkpoint up to such flips, not byte for byte;
-``tests/test_distributed.py`` states the tolerance it asserts and why. Compare runs with
-the same ``OMP_NUM_THREADS`` per process: CPU kernels may sum in another order with
-another thread count.
+1e-7). A discrete decision that lies that close to its threshold (a code on a rounding
+boundary, nearly equal ``diag(H)`` entries in GPTQ's act-order, nearly equal losses on
+AWQ's grids) can then go the other way, and what follows it differs for real (GPTQ's
+error feedback, the next layers' statistics): the checkpoint is another, equally good
+one, not a byte-for-byte copy. ``tests/test_distributed.py`` states what it asserts
+(rounding-level agreement before any such decision, every layer's error within 5% after)
+and the measurements behind it. Compare runs with the same ``OMP_NUM_THREADS`` per
+process: CPU kernels may sum in another order with another thread count.
 """
 
 from __future__ import annotations
