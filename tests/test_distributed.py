@@ -17,28 +17,30 @@ Tolerance, and why. Each chunk's activations are the single process's (the same 
 batched the same way), and every solve and search is the same function of the same
 statistics; only the order of the sums over chunks differs (per-process partial sums;
 GPTQ's running-mean Hessians combined as ``sum_r N_r H_r / N``), which moves the
-statistics by float32 rounding, about 1e-7 relative. That is not "the same codes up to
-a few": where a discrete decision lies that close to its threshold (a code on a rounding
+statistics by float32 rounding (about 1e-7 relative, more after GPTQ inverts ``H``).
+Where a discrete decision lies that close to its threshold (a code on a rounding
 boundary, two nearly equal ``diag(H)`` entries in GPTQ's act-order, two nearly equal
-losses on AWQ's grids) it can go the other way, and everything after it differs for
-real: GPTQ's error feedback, act-order and the next blocks' Hessians carry it on. Such a
-run is another, equally good quantization (measured on the mini Llama: ``--asym
+losses on AWQ's grids) it can go the other way, and what follows differs for real:
+GPTQ's error feedback carries a changed code along its row, and the next layers'
+statistics carry it on. Such a run is another, equally good quantization, and whether
+it happens depends on the machine's rounding. Measured: on the mini Llama, ``--asym
 --static-groups`` GPTQ and awq-gptq, 15% of the codes differ, every layer's output error
-within 1.6% of one process's), and it happens by chance with the machine's rounding.
-So two tiers:
+within 1.6% of one process's; on the built-in model (default GPTQ), 22% of the codes,
+layer errors within 0.16% (median) and 3.7% (worst). So two tiers:
 
-1. Before any decision could go another way, the agreement is rounding-level: the
-   linears that read block 0's float input (q/k/v, ``FIRST``) have at most ``MAX_CHANGED``
-   = 1e-3 of their codes different (a boundary code and its row's error feedback), the
-   same AWQ ``alpha``, their GPTQ ``loss`` / AWQ ``scale_err_ratio`` within 1e-4
-   relative (measured: 1e-5 and 0), and block 0's input norm (AWQ folds the q/k/v scales
-   into it) within rtol 1e-5.
+1. Where no earlier decision can differ, the agreement is close: the linears that read
+   block 0's float input (q/k/v, ``FIRST``) have at most ``MAX_CHANGED`` = 1% of their
+   codes different (measured: 0 on these mini models, 0.13% on the built-in model),
+   the same AWQ ``alpha``, their GPTQ ``loss`` / AWQ ``scale_err_ratio`` within 1e-3
+   relative (measured: at most 8e-5), and block 0's input norm (AWQ folds the q/k/v
+   scales into it) within rtol 1e-5.
 2. Every layer is quantized as well: its relative output error (``qtool.json``, on the
    run's own statistics) is within ``MAX_LAYER_ERROR`` = 5% (relative) of one process's.
 
-A missing all-reduce fails both: without the Hessian sum 23% of block 0's q/k/v codes
-differ and a layer's error moves by 27%; without the AWQ loss sum q/k/v's alpha changes
-(0.05 -> 0) and a layer's error moves by 11%.
+A missing all-reduce fails both tiers: without the Hessian sum 23% of block 0's q/k/v
+codes differ, their loss moves by up to 3% and a layer's error by 27%; without the AWQ
+loss sum 5.7% of those codes differ, their alpha changes (0.05 -> 0) and a layer's error
+moves by 11%.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ pytestmark = [
 HERE = Path(__file__).resolve().parent
 CALIB = ("--nsamples", "8", "--seqlen", "64", "--batch-size", "2")  # 4 chunks: 2 per process
 FIRST = tuple(f"model.layers.0.self_attn.{n}_proj" for n in "qkv")  # they read block 0's float input
-MAX_CHANGED = 1e-3
+MAX_CHANGED = 1e-2
 MAX_LAYER_ERROR = 0.05
 ERROR = "rel_output_error_pct"
 
@@ -108,7 +110,7 @@ def _assert_equivalent(one: Path, two: Path) -> None:
         assert a.get("alpha") == b.get("alpha"), name
         for key in ("loss", "scale_err_ratio"):
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4), (name, key)
+                assert b[key] == pytest.approx(a[key], rel=1e-3), (name, key)
     norm = "model.layers.0.input_layernorm.weight"
     torch.testing.assert_close(rest_two[norm], rest_one[norm], rtol=1e-5, atol=0)
     # tier 2: every layer quantized as well
