@@ -36,7 +36,7 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> CliResult:
     return CliResult(code, captured.out, captured.err)
 
 
-RUN_DEPENDENT = ("timings_s", "resumed_from_block", "command")
+RUN_DEPENDENT = ("timings_s", "resumed_from_block", "command", "memory")  # memory: what was available, the peak measured
 
 
 def file_digests(folder) -> dict[str, str]:

@@ -223,13 +223,13 @@ def save_from_blocks(out: str | Path, model, blocks_prefix: str, work, rest: Cal
     """Write the checkpoint of a run whose blocks are all committed in ``work``
     (``qtool.resume.WorkDir``): block ``i``'s float parameters and packed layers are copied
     from its block file, the other tensors (embeddings, final norm, head) come from
-    ``rest(names)`` (model names -> tensors) and are spilled to the work folder first, so
-    at most those tensors are in memory. The files are byte for byte those of
+    ``rest(names)`` (model names -> tensors) and are spilled to the work folder first, one
+    at a time. The files are byte for byte those of
     ``save_checkpoint`` with the same layers (same tensor order, shard split and layout);
     every written tensor is read back and compared with its source bytes. Returns the
     ``qtool.json`` content."""
     from qtool.resume import BLOCK_FILE
-    from qtool.tensorfiles import read_header, verify_shards
+    from qtool.tensorfiles import Spill, read_header, verify_shards
 
     out = check_output_path(out, force)
     options, model_config, quant_config, to_disk, record = checkpoint_meta(model, config, provenance)
@@ -244,11 +244,11 @@ def save_from_blocks(out: str | Path, model, blocks_prefix: str, work, rest: Cal
     block_of = lambda key: int(key[len(blocks_prefix) + 1 :].split(".", 1)[0])  # noqa: E731
     in_block = lambda key: key.startswith(blocks_prefix + ".")  # noqa: E731
     others = [k for k in keys if not in_block(k)]
-    rest_path = work.path / "rest.safetensors"
-    tensors = rest(others)
-    save_file({k: tensors[k].detach().contiguous() for k in others}, str(rest_path))
-    del tensors
-    rest_entries = read_header(rest_path)
+    spill = Spill(work.path / "rest.bin")  # one tensor in memory at a time
+    try:
+        rest_entries = {k: spill.add(rest([k])[k]) for k in others}
+    finally:
+        spill.close()
     entries = {}
     for key in keys:
         if in_block(key):

@@ -313,7 +313,7 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
     and releases them after ``on_block_done`` (default: the model is loaded whole);
     without ``keep_qweights`` the results keep their stats only (the quantized layers
     were committed by ``on_block_done``), so nothing of a finished block stays in memory."""
-    from qtool.streaming import InMemory
+    from qtool.streaming import InMemory, trim_memory
 
     weights = InMemory() if weights is None else weights
     blocks = get_blocks(model, spec)
@@ -349,23 +349,24 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
         results.update(named)
         if on_block_done is not None:
             on_block_done(i, block, prefix, named, inputs.hidden if inputs is not None and i + 1 < len(blocks) else None)
-        progress("block", index=i, total=len(blocks), seconds=time.perf_counter() - t0,
-                 layers={n: r.stats for n, r in named.items()})
         weights.release(block)
         if not keep_qweights:
             results.update({n: LayerResult(None, r.stats) for n, r in named.items()})
+            trim_memory()  # the finished block's memory goes back to the OS: the peak does not grow with depth
+        progress("block", index=i, total=len(blocks), seconds=time.perf_counter() - t0,
+                 layers={n: r.stats for n, r in named.items()})
         if should_stop() and i + 1 < len(blocks):
             raise Interrupted(f"interrupted after block {i + 1}/{len(blocks)}; progress is saved: rerun the same "
                               "command with --resume to continue")
     return results
 
 
-class Interrupted(QtoolError):
-    """The user stopped the run (SIGINT/SIGTERM) at a block boundary; work was saved."""
 def _model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating parameters (a streamed skeleton's are on meta but typed)."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+class Interrupted(QtoolError):
+    """The user stopped the run (SIGINT/SIGTERM) at a block boundary; work was saved."""
 
     exit_code = 130

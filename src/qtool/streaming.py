@@ -97,6 +97,7 @@ class Streamed:
             owner, leaf = _owner(module, name)
             owner._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                                                    requires_grad=False)
+        trim_memory()
 
     @contextmanager
     def loaded(self, module: nn.Module, prefix: str):
@@ -108,6 +109,30 @@ class Streamed:
 
     def rest(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self.tensor(n) for n in names}
+
+
+_LIBC = None
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Each block frees tens to hundreds of MB of tensors; without this glibc keeps the
+    fragmented heap and the peak RSS grows by a few MB per block (measured on the
+    default model: about 7 MB per block, 200 MB over its 30), which breaks "memory does
+    not grow with depth"."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -130,10 +130,11 @@ class Spill:
 
     def add(self, tensor: torch.Tensor) -> ByteRange:
         t = tensor.detach().contiguous().cpu()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self.file.write(data)
-        entry = ByteRange(t.dtype, tuple(t.shape), self.path, self.size, len(data))
-        self.size += len(data)
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            self.file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+        entry = ByteRange(t.dtype, tuple(t.shape), self.path, self.size, nbytes)
+        self.size += nbytes
         return entry
 
     def close(self) -> None:
