@@ -26,7 +26,8 @@ statistics carry it on. Such a run is another, equally good quantization, and wh
 it happens depends on the machine's rounding. Measured: on the mini Llama, ``--asym
 --static-groups`` GPTQ and awq-gptq, 15% of the codes differ, every layer's output error
 within 1.6% of one process's; on the built-in model (default GPTQ), 22% of the codes,
-layer errors within 0.16% (median) and 3.7% (worst). So two tiers:
+layer errors within 0.16% (median) and 3.7% (worst) -- as much as one process with 2
+threads differs from one with 1 thread (22%, 0.13% and 4.0%). So two tiers:
 
 1. Where no earlier decision can differ, the agreement is close: the linears that read
    block 0's float input (q/k/v, ``FIRST``) have at most ``MAX_CHANGED`` = 1% of their
