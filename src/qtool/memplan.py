@@ -10,12 +10,15 @@ What the run holds at its peak (every term is in ``MemoryPlan.parts``):
 - ``block``: one block in float32 for the computation, plus (streamed) its tensors as
   read, in the load dtype.
 - ``activations``: the calibration hidden states of the current block's input and
-  output, float32 ``[tokens, hidden]`` each (none for RTN).
+  output, float32 ``[tokens, hidden]`` each (none for RTN); GPTQ also keeps the
+  attention's and the MLP's outputs of every chunk for its true-sequential stages and
+  the next block's inputs (5 such copies).
 - ``forward``: the intermediate tensors of one calibration chunk through a block (MLP
   activations, attention scores of every head, which CPU attention materialises).
 - ``method``: GPTQ's Hessians of the block's linears (float32 ``k x k`` each) and the
   solver's copies of the largest layer; AWQ's search subsample of every scale group's
   input and the outputs it compares.
+- ``save buffers``: copying the shards and reading them back, 64 MB chunks.
 - ``unaccounted``: ``SLACK`` of the sum of the terms above (allocator fragmentation,
   temporaries); measured on the default model and the synthetic models of
   ``benchmarks/memory_scaling.py``, where the estimate is within 25% of the peak RSS.
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 RUNTIME_BYTES = 560 << 20
+COPY_CHUNK = 64 << 20  # qtool.tensorfiles.COPY_CHUNK
 SLACK = 0.10
 GIB = 1 << 30
 
@@ -123,7 +127,9 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
     calibrated = config.method != "rtn"
     tokens = config.nsamples * config.seqlen if calibrated else 0
     chunk = min(config.batch_size, max(config.nsamples, 1)) * config.seqlen if calibrated else 0
-    parts["activations"] = 2 * tokens * hidden * 4
+    # GPTQ also replays the attention and MLP outputs of every chunk (true-sequential stages)
+    copies = 5 if config.method in ("gptq", "awq-gptq") else 2
+    parts["activations"] = copies * tokens * hidden * 4
     inter = max((n for n, _ in linears), default=hidden)
     heads = getattr(mcfg, "num_attention_heads", 1) or 1
     batch = min(config.batch_size, max(config.nsamples, 1)) if calibrated else 0
@@ -136,6 +142,7 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         search = min(tokens, getattr(config, "awq_search_tokens", None) or 4096) if tokens else 0
         widest = sum(n for n, _ in linears)
         parts["method"] = parts.get("method", 0) + search * (hidden + 2 * widest) * 4 * 2
+    parts["save buffers"] = 3 * COPY_CHUNK  # the shards are copied and read back in chunks
     work = sum(v for key, v in parts.items() if key != "runtime")
     parts["unaccounted"] = int(work * SLACK)
     dev_peak, dev_avail = None, None
