@@ -13,7 +13,9 @@ machines: ``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``):
   image-text sample) are dealt out, chunk ``i`` to rank ``i mod N``
   (``local_calibration``). A process captures and propagates only its own chunks, so it
   holds about 1/N of the activations and runs 1/N of the forward passes. The AWQ search
-  subsample (the leading chunks) is spread over the ranks the same way.
+  subsample (the leading chunks) is spread over the ranks the same way: each rank scores
+  the candidates on its own search chunks, so with the default search size (one chunk of
+  8 x 512 tokens) the module-scored scale search runs on rank 0 alone.
 - Statistics are summed over the processes before they are used: GPTQ Hessians with
   their token counts (``mean_over_ranks``: MoE experts' token counts are the run's),
   AWQ's per-channel sums, Gram matrices and token counts, and the AWQ scale-search losses
