@@ -196,9 +196,10 @@ def test_transformers_loads_what_qtool_reads(capsys, tmp_path, moe_dirs, calib_t
     assert torch.equal(gate_up[3, : gate.shape[0]], gate)
 
 
-def test_awq_is_refused_before_calibration(capsys, tmp_path, moe_dirs, calib_txt):
-    res = _quantize(capsys, moe_dirs["qwen3_moe", False], tmp_path / "ckpt", calib_txt, "--method", "awq")
-    assert res.code != 0
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_awq_is_refused_before_calibration(capsys, tmp_path, moe_dirs, calib_txt, method):
+    res = _quantize(capsys, moe_dirs["qwen3_moe", False], tmp_path / "ckpt", calib_txt, "--method", method)
+    assert res.code != 0 and f"--method {method} is not supported" in (res.out + res.err)
     message = json.loads(res.out)["error"]["message"] if res.out.strip() else res.err
     assert "mixture-of-experts" in message and "--method gptq" in message
     assert "\n" not in message.strip()

@@ -12,8 +12,10 @@ here, per block:
    block run with the folds in, i.e. from the scaled inputs ``x / s`` of the scaled weights
    ``W s``, true-sequential as for ``--method gptq``.
 
-The block's output for the next block comes out of step 3, so each block costs AWQ's
-passes plus GPTQ's. Everything GPTQ supports (act-order, static groups, ``--scale-search
+AWQ's searches score their candidates with RTN, as for ``--method awq`` (the searches are
+AWQ's, unchanged); GPTQ then does better than RTN on whatever scales they chose. The
+block's output for the next block comes out of step 3, so each block costs AWQ's passes
+plus GPTQ's. Everything GPTQ supports (act-order, static groups, ``--scale-search
 mse``, every output format) applies; AWQ's ``--awq-*`` options choose the search.
 Each layer's stats are GPTQ's plus AWQ's ``alpha`` and ``scale_err_ratio``; both relative
 errors are measured in the scaled space, against the (clipped) weight GPTQ quantized.

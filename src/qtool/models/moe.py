@@ -284,8 +284,8 @@ def check_method(spec, method: str) -> None:
     scaled back in float; and each expert would want its own scales from one shared norm.
     Until that is built and proven, AWQ is refused for MoE families.
     """
-    if method == "awq":
-        raise UnsupportedError(f"--method awq is not supported for mixture-of-experts models ({spec.name}): the norm "
+    if method in ("awq", "awq-gptq"):
+        raise UnsupportedError(f"--method {method} is not supported for mixture-of-experts models ({spec.name}): the norm "
                                "before the experts also feeds the router, so its scales cannot be folded exactly; "
                                "use --method gptq or --method rtn")
 
