@@ -61,3 +61,18 @@ def file_digests(folder) -> dict[str, str]:
             data = without_run_dependent(data.decode()).encode()
         out[f.name] = hashlib.sha256(data).hexdigest()
     return out
+
+
+def assert_same_projection_weights(folder_a, folder_b, count: int) -> None:
+    """The ``*_proj`` linears of two checkpoints (``qtool.api.load_any``) hold equal
+    weights, and there are ``count`` of them: two formats of one quantization."""
+    import torch
+
+    from qtool.api import load_any
+
+    a, _, _ = load_any(str(folder_a))
+    b, _, _ = load_any(str(folder_b))
+    names = [n for n, _ in a.named_modules() if n.endswith("_proj")]
+    assert len(names) == count
+    for name in names:
+        assert torch.equal(a.get_submodule(name).weight.float(), b.get_submodule(name).weight.float()), name

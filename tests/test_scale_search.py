@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_cli
+from helpers import assert_same_projection_weights, run_cli
 from qtool.gptq import gptq_quantize
 from qtool.rtn import group_qparams, mse_qparams, rtn_quantize, shrink_ratios
 
@@ -236,7 +236,6 @@ def test_rtn_cli_mse_equals_the_primitive(capsys, tmp_path, mini_llama):
 def test_gptq_cli_mse_into_compressed_tensors_and_gptq(capsys, tmp_path, mini_llama, calib_txt):
     """The same GPTQ run (static groups) stored in both formats reads back to the same
     weights; qtool.json records the search and the card says it."""
-    from qtool.api import load_any
 
     common = [mini_llama, "--method", "gptq", "-g", "64", "--scale-search", "mse", "--calib", calib_txt,
               "--nsamples", "4", "--seqlen", "64", "--batch-size", "4", "--static-groups"]
@@ -245,12 +244,7 @@ def test_gptq_cli_mse_into_compressed_tensors_and_gptq(capsys, tmp_path, mini_ll
     assert ct["config"]["scale_search"] == gp["config"]["scale_search"] == "mse"
     assert json.loads((tmp_path / "gptq" / "qtool.json").read_text())["config"]["scale_search"] == "mse"
     assert "MSE search" in (tmp_path / "gptq" / "README.md").read_text()
-    a, _, _ = load_any(str(tmp_path / "ct"))
-    b, _, _ = load_any(str(tmp_path / "gptq"))
-    names = [n for n, _ in a.named_modules() if n.endswith("_proj")]
-    assert len(names) == 14
-    for name in names:
-        assert torch.equal(a.get_submodule(name).weight.float(), b.get_submodule(name).weight.float()), name
+    assert_same_projection_weights(tmp_path / "ct", tmp_path / "gptq", 14)
     assert "model.layers.0.mlp.down_proj.weight_scale" in load_file(str(tmp_path / "ct" / "model.safetensors"))
 
 

@@ -280,22 +280,17 @@ def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool |
             free = True
         except (mf.NotIdentical, UnsupportedError):
             free = False
-    streamed = stream is not False and not free and streaming.check(folder, dtype) is None
+    reason, target = streaming.check(folder, dtype)
+    streamed = stream is not False and not free and reason is None
     skeleton = skeleton_model(source)
     if skeleton is None:
         raise UserInputError(f"cannot plan {source.display}: transformers cannot build it from its config")
     spec = spec_for(skeleton)
-    load_bytes = None if dtype == "auto" else {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-    if dtype == "auto" and folder is not None:
-        from qtool.model_free import _config_dtype
-        from qtool.tensorfiles import source_tensors
-
-        target = _config_dtype(json.loads((Path(folder) / "config.json").read_text()), source_tensors(Path(folder)), "auto")
-        load_bytes = None if target is None else torch.empty(0, dtype=target).element_size()
+    load_bytes = None if target is None else target.itemsize  # None: the skeleton's own dtype
     kw = dict(streamed=streamed, model_free=free, device=dev, load_bytes=load_bytes)
     mem = memplan.estimate(skeleton, spec, config, **kw)
     if not mem.fits:
-        fixes = memplan.fitting_options(skeleton, spec, config, mem, **kw)
+        fixes = memplan.fitting_options(skeleton, spec, config, **kw)
         hint = f"try {' or '.join(fixes)}" if fixes else "use a machine with more memory (or a GPU with --device cuda)"
         where = "CPU" if mem.peak_cpu > mem.available_cpu else "device"
         need, have = (mem.peak_cpu, mem.available_cpu) if where == "CPU" else (mem.peak_device, mem.available_device)
@@ -331,19 +326,17 @@ def _load_for_quantize(source, dtype: str, stream: bool | None):
     if reason is None:
         folder = local_folder(source)
         _check_weights(Path(folder))
-        reason = streaming.stream_reason(folder, dtype)
-        if reason is None:
-            try:
-                model, weights = streaming.build_skeleton(folder, dtype)
-            except streaming.NotStreamable as exc:
-                reason = str(exc)
-            except (ValueError, KeyError, OSError) as exc:  # load_model names the problem
-                log.debug("no skeleton of %s: %s", folder, exc)
-                reason = "transformers could not build the model from its config"
-            else:
-                from transformers import AutoTokenizer
+        try:
+            model, weights = streaming.build_skeleton(folder, dtype)
+        except streaming.NotStreamable as exc:
+            reason = str(exc)
+        except (ValueError, KeyError, OSError) as exc:  # load_model names the problem
+            log.debug("no skeleton of %s: %s", folder, exc)
+            reason = "transformers could not build the model from its config"
+        else:
+            from transformers import AutoTokenizer
 
-                return model, AutoTokenizer.from_pretrained(folder), folder, weights, "streamed"
+            return model, AutoTokenizer.from_pretrained(folder), folder, weights, "streamed"
     if stream:
         raise UserInputError(f"--stream: this model cannot be streamed ({reason}); drop --stream to load it whole")
     model, tokenizer, folder = load_model(source, dtype)

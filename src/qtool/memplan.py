@@ -158,17 +158,15 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
     return MemoryPlan(peak, available_cpu(), dev_peak, dev_avail, streamed, False, parts)
 
 
-def fitting_options(model, spec, config, plan: MemoryPlan, **kw) -> list[str]:
+def fitting_options(model, spec, config, **kw) -> list[str]:
     """Options that would make a plan that does not fit fit, each checked by estimating
     again: fewer calibration samples, a smaller batch size."""
     from dataclasses import replace
 
     out = []
     if config.method != "rtn":
-        for b in (1,):
-            if config.batch_size > b and estimate(model, spec, replace(config, batch_size=b), **kw).fits:
-                out.append(f"--batch-size {b}")
-                break
+        if config.batch_size > 1 and estimate(model, spec, replace(config, batch_size=1), **kw).fits:
+            out.append("--batch-size 1")
         n = config.nsamples
         while n > 1:
             n //= 2

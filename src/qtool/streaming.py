@@ -9,7 +9,7 @@ other non-block tensors are read only when the output is written) and one block,
 memory does not grow with the number of blocks; the output is assembled from the work
 folder's block files (``qtool.io.save_from_blocks``).
 
-When is it used (``stream_plan``): a safetensors source (a local folder, a hub snapshot,
+When is it used (``check``): a safetensors source (a local folder, a hub snapshot,
 the built-in model's cached folder) whose tensor names are exactly the model's, whose
 float tensors all have the dtype the model loads in, and whose family keeps no module in
 float32 of its own and has no vision tower: then every tensor a block gets is the one
@@ -140,22 +140,6 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(path) if path else module), leaf
 
 
-def stream_reason(folder: str | None, dtype: str) -> str | None:
-    """Why this source cannot be streamed (None: it can), from its files alone."""
-    from qtool.model_free import _config_dtype
-
-    if folder is None:
-        return "the source is a GGUF file"
-    folder_path = Path(folder)
-    if not list(folder_path.glob("*.safetensors")):
-        return "the source has no safetensors shards"
-    raw = json.loads((folder_path / "config.json").read_text())
-    target = _config_dtype(raw, source_tensors(folder_path), dtype)
-    if target is None:
-        return "the source mixes float dtypes and its config names none"
-    return None
-
-
 def build_skeleton(folder: str, dtype: str):
     """``(model, Streamed)``: the model of ``folder`` with its parameters on the meta
     device (buffers such as rotary tables are computed as usual) and the tensors outside
@@ -165,20 +149,19 @@ def build_skeleton(folder: str, dtype: str):
     return model, _load_outside_blocks(model, Streamed(entries, target))
 
 
-def check(folder: str | None, dtype: str) -> str | None:
-    """Why the source in ``folder`` cannot be streamed, or None when it can, from its
-    config and shard headers alone (no tensor is read)."""
-    reason = stream_reason(folder, dtype)
-    if reason is not None:
-        return reason
+def check(folder: str | None, dtype: str) -> tuple[str | None, torch.dtype | None]:
+    """``(why the source in folder cannot be streamed or None when it can, the dtype its
+    floats load in or None)``, from its config and shard headers alone (no tensor is read)."""
     try:
-        _checked_skeleton(folder, dtype)
+        _, _, target = _checked_skeleton(folder, dtype)
     except NotStreamable as exc:
-        return str(exc)
-    return None
+        return str(exc), exc.dtype
+    except (ValueError, KeyError, OSError):  # loading the model whole names the problem
+        return "transformers could not build the model from its config", None
+    return None, target
 
 
-def _checked_skeleton(folder: str, dtype: str):
+def _checked_skeleton(folder: str | None, dtype: str):
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -186,28 +169,33 @@ def _checked_skeleton(folder: str, dtype: str):
     from qtool.models import spec_for
     from qtool.models.vlm import auto_model_class
 
+    if folder is None:
+        raise NotStreamable("the source is a GGUF file")
     folder_path = Path(folder)
+    if not list(folder_path.glob("*.safetensors")):
+        raise NotStreamable("the source has no safetensors shards")
     entries = source_tensors(folder_path)
-    raw = json.loads((folder_path / "config.json").read_text())
-    target = _config_dtype(raw, entries, dtype)
+    target = _config_dtype(json.loads((folder_path / "config.json").read_text()), entries, dtype)
+    if target is None:
+        raise NotStreamable("the source mixes float dtypes and its config names none")
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = auto_model_class(config).from_config(config, dtype=target)
     model.eval()
     spec = spec_for(model)
     if getattr(spec, "float_modules", ()):
-        raise NotStreamable("the model has a vision tower (loaded whole)")
+        raise NotStreamable("the model has a vision tower (loaded whole)", target)
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
-        raise NotStreamable("the family keeps modules in float32 on load")
+        raise NotStreamable("the family keeps modules in float32 on load", target)
     if any(e.dtype.is_floating_point and e.dtype != target for e in entries.values()):
-        raise NotStreamable(f"some source tensors are not {target} (transformers would cast them on load)")
+        raise NotStreamable(f"some source tensors are not {target} (transformers would cast them on load)", target)
     keys = set(model.state_dict())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     on_disk = set(entries) - ({"lm_head.weight"} if tied else set())
     expected = keys - ({"lm_head.weight"} if tied else set())
     if expected != on_disk:
         odd = sorted(expected ^ on_disk)
-        raise NotStreamable(f"the source's tensor names differ from the model's (e.g. {odd[0]})")
+        raise NotStreamable(f"the source's tensor names differ from the model's (e.g. {odd[0]})", target)
     return model, entries, target
 
 
@@ -241,10 +229,9 @@ def _ancestors(model: nn.Module, name: str):
 
 
 class NotStreamable(UserInputError):
-    """Streaming would not give the in-memory path's result (the message says why)."""
+    """Streaming would not give the in-memory path's result (the message says why);
+    ``dtype``: the dtype the source's floats load in, when it is known."""
 
-
-def check_blocks_loaded(module: nn.Module) -> None:
-    """Internal invariant: no parameter of ``module`` is still on the meta device."""
-    meta = [n for n, p in module.named_parameters() if p.is_meta]
-    assert not meta, f"parameters not loaded: {meta[:3]}"
+    def __init__(self, message: str, dtype: torch.dtype | None = None):
+        super().__init__(message)
+        self.dtype = dtype
