@@ -168,7 +168,7 @@ def models_of(args: list[str]) -> list[str]:
     out, i = [], 1
     while i < len(args):
         if args[i].startswith("-"):
-            i += 1 if args[i] == "--write-card" else 2
+            i += 1 if args[i] in ("--write-card", "--suite") else 2  # the flags eval's README lines use
             continue
         out.append(args[i])
         i += 1
