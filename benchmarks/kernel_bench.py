@@ -10,9 +10,9 @@ peak. Before timing, each shape is checked against the torch reference once.
 
 Usage::
 
-    python benchmarks/kernels.py                 # needs CUDA; writes benchmarks/results/kernels-<device>.json
-    python benchmarks/kernels.py --dry-run       # no GPU: validate the shape list and print the plan
-    python benchmarks/kernels.py --compile-check # no GPU: compile every autotune config for sm_90
+    python benchmarks/kernel_bench.py                 # needs CUDA; writes benchmarks/results/kernels-<device>.json
+    python benchmarks/kernel_bench.py --dry-run       # no GPU: validate the shape list and print the plan
+    python benchmarks/kernel_bench.py --compile-check # no GPU: compile every autotune config for sm_90
 
 Timings use ``triton.testing.do_bench`` (median of repeated runs, L2 flushed between runs)
 after one untimed call that runs the autotuner for the shape.
