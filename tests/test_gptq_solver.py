@@ -251,3 +251,23 @@ def test_hessian_accumulator_rejects_nan():
     x[1, 2] = float("nan")
     with pytest.raises(NumericsError, match="v_proj"):
         acc.add(x)
+
+
+def test_large_layer_inverse_factor_matches_float64(monkeypatch):
+    """Past ``CHOLESKY_INVERSE_MAX`` the inverse comes from a triangular solve: the factor
+    is the float64 one's to float32 rounding, and smaller layers keep cholesky_inverse."""
+    from qtool.gptq import solver
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 96, generator=gen) @ torch.randn(96, 96, generator=gen)
+    h = (x.T @ x / 600).float()
+    small, _ = solver.inverse_hessian_factor(h, 0.01)
+    monkeypatch.setattr(solver, "CHOLESKY_INVERSE_MAX", 64)
+    big, _ = solver.inverse_hessian_factor(h, 0.01)
+    hd = h.double()
+    hd.diagonal().add_(0.01 * hd.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    for got in (small, big):
+        assert torch.equal(got, got.triu())
+        assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert not torch.equal(small, big)  # the other path did run

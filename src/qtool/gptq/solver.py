@@ -53,6 +53,21 @@ class GPTQResult:
     damp_used: float
 
 
+# Above this size torch.cholesky_inverse runs out of cache on CPU (measured here: 0.28 s at
+# k=2048, 29 s at k=5632); the inverse is then two BLAS-3 calls (7 s at 5632). Smaller
+# layers keep cholesky_inverse, so their results are unchanged.
+CHOLESKY_INVERSE_MAX = 4096
+
+
+def _inverse_from_cholesky(lower: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1`` from the lower Cholesky factor ``L``."""
+    if lower.shape[0] <= CHOLESKY_INVERSE_MAX:
+        return torch.cholesky_inverse(lower)
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # L^-1
+    return inv.T @ inv
+
+
 def inverse_hessian_factor(
     hessian: torch.Tensor, damp: float, name: str = ""
 ) -> tuple[torch.Tensor, float]:
@@ -77,7 +92,7 @@ def inverse_hessian_factor(
         h.diagonal().add_(d * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            upper, info = torch.linalg.cholesky_ex(_inverse_from_cholesky(lower), upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, d
         if d >= MAX_DAMP:
