@@ -41,7 +41,9 @@ def test_whole_and_model_free_plans(capsys, mini_llama):
 def test_a_run_that_does_not_fit_is_refused_with_options_that_fit(capsys, tmp_path, mini_llama, calib_txt, monkeypatch):
     from qtool import memplan
 
-    args = ["--method", "gptq", "--calib", calib_txt, "--nsamples", "64", "--seqlen", "256", "--batch-size", "8"]
+    # activations held in CPU memory (auto would spill them to disk: tests/test_activations.py)
+    args = ["--method", "gptq", "--calib", calib_txt, "--nsamples", "64", "--seqlen", "256", "--batch-size", "8",
+            "--activations", "cpu"]
     need = json.loads(run_cli(capsys, "plan", mini_llama, *args, "--json").out)["peak_cpu_bytes"]
     monkeypatch.setattr(memplan, "available_cpu", lambda: need - 1)
     res = run_cli(capsys, "quantize", mini_llama, *args, "-o", tmp_path / "out")

@@ -104,7 +104,7 @@ def prove_layout(model, spec, method: str, weights=None) -> None:
 def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, dtype: str = "auto",
              device: str = "auto", force: bool = False, resume: bool = False, restart: bool = False,
              command: str | None = None, progress: Progress = _quiet, model_free: bool | None = None,
-             include: tuple[str, ...] = (), stream: bool | None = None) -> dict:
+             include: tuple[str, ...] = (), stream: bool | None = None, activations: str = "auto") -> dict:
     """Quantize MODEL (None = the built-in default) into a checkpoint folder ``output``.
 
     RTN on a safetensors source runs model-free (``qtool.model_free``: tensor by tensor,
@@ -124,6 +124,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     Under torchrun (``WORLD_SIZE`` > 1) the processes share the calibration work
     (``qtool.distributed``): rank 0 writes and returns the record; the others return
     ``{"output", "rank", "world_size"}`` once the checkpoint is written."""
+    from qtool.activations import Store
     from qtool.calib import load_calibration
     from qtool.card import equivalent_command, source_facts
     from qtool.coverage import plan_coverage
@@ -133,6 +134,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     from qtool.resume import WorkDir, check_work_dir, fingerprint, model_fingerprint
 
     t_start = time.perf_counter()
+    check_activations(activations)
     source = resolve(model)
     check_output_path(output, force, source_paths(source))
     check_work_dir(output, resume, restart, source_paths(source))
@@ -146,7 +148,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
                        t_start=t_start)
     if isinstance(free, dict):
         return free
-    mem = _memory_plan(source, config, dtype, dev, stream, False, ())
+    mem = _memory_plan(source, config, dtype, dev, stream, False, (), activations)
     progress("stage", name="memory plan", detail=mem.line())
     progress("stage", name="load", detail=source.display)
     hf_model, tokenizer, folder, weights, streamed = _load_for_quantize(source, dtype, stream)
@@ -176,6 +178,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     # rank 0 writes the work folder; every process reads it to resume
     work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp, restart) if world.leader else None
     blocks = get_blocks(hf_model, spec)
+    store = Store(mem.activations, dev, Path(output).absolute().parent)  # where the activations live
     start, done, inputs = 0 if work is None else work.next_block, {}, None
     if start:
         progress("stage", name="resume", detail=f"{start}/{len(blocks)} blocks already done in {work.path}")
@@ -186,8 +189,8 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
             from qtool.pipeline import _model_dtype
 
             dtype_c = torch.float32 if dev.type == "cpu" else _model_dtype(hf_model)
-            captured = capture_inputs(hf_model, spec, local_ids, config.batch_size, dev, dtype_c)
-            inputs = captured.at_block(start, distributed.local_chunks(work.load_inputs()))
+            captured = capture_inputs(hf_model, spec, local_ids, config.batch_size, dev, dtype_c, store)
+            inputs = captured.at_block(start, store.new(distributed.local_chunks(work.load_inputs())))
 
     block_delay = float(os.environ.get("QTOOL_TEST_BLOCK_DELAY", "0"))  # lets tests interrupt mid-loop
     pack = layer_packer(config)
@@ -202,10 +205,15 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
             time.sleep(block_delay)
 
     with _stop_on_signals() as stop:
-        results = quantize_model(hf_model, spec, method, config, local_ids, dev,
-                                 progress, start_block=start, on_block_done=checkpoint_block, inputs=inputs,
-                                 should_stop=lambda: distributed.any_rank(stop()), keep_float=frozenset(shapes) - set(coverage.quantized),
-                                 weights=weights, keep_qweights=False) if start < len(blocks) else {}
+        try:
+            results = quantize_model(hf_model, spec, method, config, local_ids, dev,
+                                     progress, start_block=start, on_block_done=checkpoint_block, inputs=inputs,
+                                     should_stop=lambda: distributed.any_rank(stop()),
+                                     keep_float=frozenset(shapes) - set(coverage.quantized),
+                                     weights=weights, keep_qweights=False, store=store) if start < len(blocks) else {}
+        finally:
+            inputs = None
+            store.close()  # the spill folder (--activations disk) goes, whatever happened
     results = {**done, **results}
     missing = sorted(set(coverage.quantized) - set(results))
     if missing:
@@ -238,7 +246,8 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         "streamed": {"used": weights.streamed, "reason": streamed},
         **({"distributed": {"processes": world.size}} if world.size > 1 else {}),
         # run-dependent: the memory available and the measured peak (before the save)
-        "memory": {"plan": mem.to_json(), "peak_rss_bytes": _peak_rss()},
+        "memory": {"plan": mem.to_json(), "peak_rss_bytes": _peak_rss(),
+                   **({"peak_device_bytes": torch.cuda.max_memory_allocated(dev)} if dev.type == "cuda" else {})},
     }
     if hasattr(method, "finish"):
         method.finish(output)
@@ -252,19 +261,27 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
 
 def memory_plan(model: str | None, config: QuantizeConfig, *, dtype: str = "auto", device: str = "auto",
                 stream: bool | None = None, model_free: bool | None = None, include: tuple[str, ...] = (),
-                progress: Progress = _quiet) -> dict:
+                activations: str = "auto", progress: Progress = _quiet) -> dict:
     """``qtool plan``: the memory plan (``qtool.memplan``) of quantizing MODEL with
     ``config``, from its config and shard headers alone (no weight is read). Raises
     ``UserInputError`` naming options that would fit when the run would not fit."""
+    check_activations(activations)
     source = resolve(model)
     check_format_options(config, source)
     dev = resolve_device(device)
-    mem = _memory_plan(source, config, dtype, dev, stream, model_free, include)
+    mem = _memory_plan(source, config, dtype, dev, stream, model_free, include, activations)
     return {"model": source.display, "line": mem.line(), **mem.to_json()}
 
 
+def check_activations(place: str) -> None:
+    from qtool.activations import PLACES
+
+    if place not in PLACES:
+        raise UserInputError(f"--activations {place}: expected one of {', '.join(PLACES)}")
+
+
 def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool | None, model_free: bool | None,
-                 include: tuple[str, ...]):
+                 include: tuple[str, ...], activations: str = "auto"):
     """The ``MemoryPlan`` of the path ``quantize`` would take; refuses one that does not fit."""
     from qtool import memplan, streaming
     from qtool.loading import check_dtype, local_folder
@@ -287,7 +304,7 @@ def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool |
         raise UserInputError(f"cannot plan {source.display}: transformers cannot build it from its config")
     spec = spec_for(skeleton)
     load_bytes = None if target is None else target.itemsize  # None: the skeleton's own dtype
-    kw = dict(streamed=streamed, model_free=free, device=dev, load_bytes=load_bytes)
+    kw = dict(streamed=streamed, model_free=free, device=dev, load_bytes=load_bytes, activations=activations)
     mem = memplan.estimate(skeleton, spec, config, **kw)
     if not mem.fits:
         fixes = memplan.fitting_options(skeleton, spec, config, **kw)

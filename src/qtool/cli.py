@@ -192,6 +192,7 @@ def quantize(
     model_free: Optional[bool] = typer.Option(None, "--model-free/--no-model-free", show_default=False, help="RTN: quantize tensor by tensor from the safetensors shards without building the model (memory of one tensor).  [default: auto = when the files are the same as the in-model path's]"),
     include: Optional[list[str]] = typer.Option(None, "--include", metavar="PATTERN", help="Model-free RTN: quantize the 2-D weights whose full tensor name matches this fnmatch pattern (repeatable), e.g. 'model.layers.*'; for architectures without a qtool family file."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", show_default=False, help="Read each block's weights from the safetensors shards only while it is quantized (memory of one block).  [default: auto = when the files are the same as loading the model whole]"),
+    activations: str = typer.Option("auto", "--activations", help="Where the calibration activations live: device | cpu | disk (a spill folder next to the output; memory of one chunk).  [default: auto = the first that the memory plan fits]"),
 ) -> None:
     from qtool.api import quantize as run_quantize
 
@@ -201,7 +202,7 @@ def quantize(
     config = _quantize_config(locals())
     result = _run_with_progress(run_quantize, model, output, config, dtype=dtype, device=device, force=force,
                                 resume=resume, restart=restart, command=_command_line(), model_free=model_free,
-                                include=tuple(include or ()), stream=stream)
+                                include=tuple(include or ()), stream=stream, activations=activations)
     if "rank" in result:  # not rank 0 of a torchrun run: rank 0 prints the result
         print(f"qtool: rank {result['rank']}/{result['world_size']} done; rank 0 wrote {result['output']}",
               file=sys.stderr)
@@ -233,7 +234,8 @@ def plan(**kw) -> None:
     from qtool.api import memory_plan
 
     result = _run_with_progress(memory_plan, kw["model"], _quantize_config(kw), dtype=kw["dtype"], device=kw["device"],
-                                stream=kw["stream"], model_free=kw["model_free"], include=tuple(kw["include"] or ()))
+                                stream=kw["stream"], model_free=kw["model_free"], include=tuple(kw["include"] or ()),
+                                activations=kw["activations"])
     _emit(result, result["line"] + "".join(f"\n  {k:<18} {v / 2**30:6.2f} GiB" for k, v in result["parts_bytes"].items()))
 
 

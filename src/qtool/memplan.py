@@ -23,8 +23,13 @@ What the run holds at its peak (every term is in ``MemoryPlan.parts``):
   temporaries); measured on the default model and the synthetic models of
   ``benchmarks/memory_scaling.py``, where the estimate is within 25% of the peak RSS.
 
-The device (``--device cuda``) holds ``block`` + ``activations`` (when they fit) +
-``forward`` + ``method``; the CPU then holds the rest.
+The device (``--device cuda``) holds ``block`` + ``forward`` + ``method``; the CPU then
+holds the rest.
+
+Where the activations live (``--activations``, ``qtool.activations``): ``auto`` puts
+them on the device when the device's plan fits with them, else in CPU memory when the
+CPU's plan fits with them, else on disk, where they take one chunk's memory (two chunks'
+worth of each copy in flight) and ``spill_bytes`` of disk.
 
 Model-free RTN (``qtool.model_free``) holds one tensor at a time: runtime plus the
 largest weight in float32 and its codes.
@@ -53,6 +58,8 @@ class MemoryPlan:
     streamed: bool = False
     model_free: bool = False
     parts: dict[str, int] = field(default_factory=dict)
+    activations: str = "cpu"  # where the calibration activations live: device | cpu | disk
+    spill_bytes: int = 0  # disk the activations take when they are spilled
 
     @property
     def fits(self) -> bool:
@@ -67,13 +74,16 @@ class MemoryPlan:
             text += f", ~{self.peak_device / GIB:.2f} GiB on the device"
             if self.available_device is not None:
                 text += f" of {self.available_device / GIB:.1f} GiB"
+        if self.activations == "disk":
+            text += f"; activations spilled to disk ({self.spill_bytes / GIB:.2f} GiB)"
         return text
 
     def to_json(self) -> dict:
         return {"peak_cpu_bytes": self.peak_cpu, "available_cpu_bytes": self.available_cpu,
                 "peak_device_bytes": self.peak_device, "available_device_bytes": self.available_device,
                 "streamed": self.streamed, "model_free": self.model_free, "fits": self.fits,
-                "parts_bytes": dict(self.parts)}
+                "parts_bytes": dict(self.parts), "activations": self.activations,
+                "spill_bytes": self.spill_bytes}
 
 
 def available_cpu() -> int:
@@ -95,9 +105,10 @@ def _nbytes(params, dtype_bytes: int | None) -> int:
 
 
 def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, device: torch.device | None = None,
-             load_bytes: int | None = None) -> MemoryPlan:
+             load_bytes: int | None = None, activations: str = "auto") -> MemoryPlan:
     """The plan of quantizing ``model`` (parameters may be on the meta device) with
-    ``config``. ``load_bytes``: bytes per float of the load dtype (None: the model's)."""
+    ``config``. ``load_bytes``: bytes per float of the load dtype (None: the model's);
+    ``activations``: where they live (``auto``: chosen here, see the module's text)."""
     from qtool.models import get_blocks
 
     device = device or torch.device("cpu")
@@ -129,7 +140,8 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
     chunk = min(config.batch_size, max(config.nsamples, 1)) * config.seqlen if calibrated else 0
     # GPTQ also replays the attention and MLP outputs of every chunk (true-sequential stages)
     copies = 5 if config.method in ("gptq", "awq-gptq") else 2
-    parts["activations"] = copies * tokens * hidden * 4
+    all_chunks = copies * tokens * hidden * 4
+    parts["activations"] = all_chunks
     inter = max((n for n, _ in linears), default=hidden)
     heads = getattr(mcfg, "num_attention_heads", 1) or 1
     batch = min(config.batch_size, max(config.nsamples, 1)) if calibrated else 0
@@ -143,19 +155,36 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         widest = sum(n for n, _ in linears)
         parts["method"] = parts.get("method", 0) + search * (hidden + 2 * widest) * 4 * 2
     parts["save buffers"] = 3 * COPY_CHUNK  # the shards are copied and read back in chunks
-    work = sum(v for key, v in parts.items() if key != "runtime")
-    parts["unaccounted"] = int(work * SLACK)
-    dev_peak, dev_avail = None, None
-    if device.type == "cuda":
-        dev_parts = ("block", "activations", "forward", "method")
-        dev_peak = int(sum(parts.get(p, 0) for p in dev_parts) * (1 + SLACK))
-        dev_avail = available_device(device)
-        if dev_avail is not None and dev_peak > dev_avail:  # activations spill to CPU
-            dev_peak -= parts["activations"]
+    cpu_avail = available_cpu()
+    dev_avail = available_device(device) if device.type == "cuda" else None
+
+    def cpu_parts(act: int) -> dict[str, int]:
+        out = {**parts, "activations": act}
+        out["unaccounted"] = int(sum(v for key, v in out.items() if key != "runtime") * SLACK)
+        return out
+
+    def dev_peak(act: int) -> int:
+        return int((sum(parts.get(p, 0) for p in ("block", "forward", "method")) + act) * (1 + SLACK))
+
+    on_disk = 2 * copies * chunk * hidden * 4  # the chunks being read and written
+    place = activations
+    if place == "auto":
+        if not calibrated:
+            place = "cpu"
+        elif device.type == "cuda" and (dev_avail is None or dev_peak(all_chunks) <= dev_avail):
+            place = "device"
+        elif sum(cpu_parts(all_chunks).values()) <= cpu_avail:
+            place = "cpu"
         else:
-            parts = {**parts, "activations": 0}
-    peak = int(sum(parts.values()))
-    return MemoryPlan(peak, available_cpu(), dev_peak, dev_avail, streamed, False, parts)
+            place = "disk"
+    if place == "device" and device.type != "cuda":
+        place = "cpu"  # a CPU run's device memory is CPU memory
+    final = cpu_parts({"device": 0, "cpu": all_chunks, "disk": on_disk}[place] if calibrated else 0)
+    peak_dev = None
+    if device.type == "cuda":
+        peak_dev = dev_peak(all_chunks if place == "device" else on_disk if place == "disk" else 0)
+    return MemoryPlan(int(sum(final.values())), cpu_avail, peak_dev, dev_avail, streamed, False, final,
+                      activations=place, spill_bytes=all_chunks if place == "disk" else 0)
 
 
 def fitting_options(model, spec, config, **kw) -> list[str]:
@@ -165,6 +194,8 @@ def fitting_options(model, spec, config, **kw) -> list[str]:
 
     out = []
     if config.method != "rtn":
+        if kw.get("activations", "auto") != "disk" and estimate(model, spec, config, **{**kw, "activations": "disk"}).fits:
+            out.append("--activations disk")
         if config.batch_size > 1 and estimate(model, spec, replace(config, batch_size=1), **kw).fits:
             out.append("--batch-size 1")
         n = config.nsamples

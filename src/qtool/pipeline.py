@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
+from qtool.activations import Chunks, Store
 from qtool.config import QuantizeConfig
 from qtool.errors import NumericsError, QtoolError
 from qtool.models import ArchSpec, get_blocks
@@ -49,15 +50,14 @@ class _Catcher:
     of every call (and, for block 0, the hidden states) and passes the hidden states on
     unchanged; the last block's stops the model's forward before the final norm and head."""
 
-    def __init__(self, record_hidden: bool, last: bool):
-        self.record_hidden, self.last = record_hidden, last
-        self.hidden: list[torch.Tensor] = []
+    def __init__(self, hidden: Chunks | None, last: bool, dtype: torch.dtype):
+        self.hidden, self.last, self.dtype = hidden, last, dtype
         self.kwargs: list[dict] = []
 
     def __call__(self, hidden_states, *args, **kwargs):
         assert not args, "decoder blocks are called with keyword arguments"
-        if self.record_hidden:
-            self.hidden.append(hidden_states.detach())
+        if self.hidden is not None:
+            self.hidden.append(hidden_states.detach().to(self.dtype))
         self.kwargs.append(kwargs)
         if self.last:
             raise _StopForward
@@ -103,7 +103,7 @@ class BlockInputs:
 
 
 def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor | list[dict], batch_size: int,
-                   device: torch.device, dtype: torch.dtype) -> BlockInputs:
+                   device: torch.device, dtype: torch.dtype, store: Store | None = None) -> BlockInputs:
     """Run the model's forward on every calibration chunk with each block's computation
     skipped (its hidden states pass through), keeping block 0's inputs and every block's
     keyword arguments. Those arguments depend only on the token positions, never on the
@@ -113,9 +113,12 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor | l
     ``input_ids``: int64 ``[n, seqlen]`` token windows (``batch_size`` per chunk), or a
     list of image-text samples, each the processor's model inputs and one chunk of its
     own length (``qtool.calib_vlm``); their language blocks get the real multimodal
-    positions (Qwen2-VL's 3-D mrope) and image-token hidden states."""
+    positions (Qwen2-VL's 3-D mrope) and image-token hidden states.
+
+    ``store`` (``qtool.activations``) keeps the hidden states (default: CPU memory)."""
+    store = Store("cpu", torch.device("cpu")) if store is None else store
     blocks = get_blocks(model, spec)
-    catchers = [_Catcher(i == 0, i == len(blocks) - 1) for i in range(len(blocks))]
+    catchers = [_Catcher(store.new() if i == 0 else None, i == len(blocks) - 1, dtype) for i in range(len(blocks))]
     shadowed = [block.__dict__.get("forward") for block in blocks]
     moved = [m for m in (model.get_input_embeddings(), getattr(model.get_submodule(spec.blocks.rpartition(".")[0]), "rotary_emb", None)) if m is not None]
     try:
@@ -139,7 +142,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor | l
                 block.forward = forward
         for m in moved:
             m.to("cpu")
-    hidden = [h.to("cpu", dtype) for h in catchers[0].hidden]
+    hidden = catchers[0].hidden
     on_cpu: dict[int, dict] = {}
     per_chunk = [_dedupe([c.kwargs[i] for c in catchers]) for i in range(len(hidden))]  # [chunk][block]
     block_kwargs = [[on_cpu.setdefault(id(kw), _to(kw, "cpu")) for kw in chunk] for chunk in per_chunk]
@@ -185,12 +188,15 @@ class BlockContext:
     dtype), its captured inputs and helpers to run it with hooks."""
 
     def __init__(self, block: nn.Module, index: int, spec: ArchSpec, config: QuantizeConfig,
-                 inputs: BlockInputs | None, device: torch.device, dtype: torch.dtype, prefix: str):
+                 inputs: BlockInputs | None, device: torch.device, dtype: torch.dtype, prefix: str,
+                 store: Store | None = None):
         self.block, self.index, self.spec, self.config = block, index, spec, config
         self.inputs, self.device, self.dtype, self.prefix = inputs, device, dtype, prefix
+        # where per-chunk activations live (qtool.activations): methods keep their caches in store.new()
+        self.store = Store("device", device) if store is None else store
         # a method that already computed the block's quantized outputs (one chunk each,
         # on CPU) leaves them here and the pipeline skips its own forward
-        self.outputs: list[torch.Tensor] | None = None
+        self.outputs: Sequence[torch.Tensor] | None = None
         # linears the user excluded (--exclude): write_back leaves them in float
         self.keep_float: set[str] = set()
 
@@ -201,7 +207,7 @@ class BlockContext:
         return f"{self.prefix}.{name}"
 
     def run(self, hooks: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] | None = None,
-            collect_outputs: bool = False, block: nn.Module | None = None) -> list[torch.Tensor] | None:
+            collect_outputs: bool = False, block: nn.Module | None = None) -> Chunks | None:
         """Run ``block`` (default: this block) over every captured chunk.
 
         ``hooks[name](x, y)`` is called with the input and output of submodule ``name``
@@ -223,7 +229,7 @@ class BlockContext:
             return hook
 
         handles = [block.get_submodule(n).register_forward_hook(make_hook(n, f)) for n, f in hooks.items()]
-        outputs = [] if collect_outputs else None
+        outputs = self.store.new() if collect_outputs else None
         try:
             with torch.inference_mode():
                 for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
@@ -234,7 +240,7 @@ class BlockContext:
                         continue
                     if collect_outputs:
                         out = out[0] if isinstance(out, tuple) else out
-                        outputs.append(out.to("cpu"))
+                        outputs.append(out)
         finally:
             for h in handles:
                 h.remove()
@@ -298,7 +304,7 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
                    inputs: BlockInputs | None = None,
                    should_stop: Callable[[], bool] = lambda: False,
                    keep_float: frozenset[str] = frozenset(), weights=None,
-                   keep_qweights: bool = True) -> dict[str, LayerResult]:
+                   keep_qweights: bool = True, store: Store | None = None) -> dict[str, LayerResult]:
     """Quantize every block of ``model`` in place (weights are replaced by their
     dequantized quantized values) and return the results by full module name.
     Linears named in ``keep_float`` (full names, ``--exclude``) stay in float (with any
@@ -312,16 +318,18 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
     ``weights`` (``qtool.streaming``) loads each block's parameters before it is worked on
     and releases them after ``on_block_done`` (default: the model is loaded whole);
     without ``keep_qweights`` the results keep their stats only (the quantized layers
-    were committed by ``on_block_done``), so nothing of a finished block stays in memory."""
+    were committed by ``on_block_done``), so nothing of a finished block stays in memory.
+    ``store`` (``qtool.activations``): where the activations live (default: CPU memory)."""
     from qtool.streaming import InMemory, trim_memory
 
     weights = InMemory() if weights is None else weights
     blocks = get_blocks(model, spec)
     compute_dtype = torch.float32 if device.type == "cpu" else _model_dtype(model)
+    store = Store("cpu", device) if store is None else store
     if method.needs_calibration and inputs is None:
         assert input_ids is not None and start_block == 0
         progress("capture", total=len(input_ids))
-        inputs = capture_inputs(model, spec, input_ids, config.batch_size, device, compute_dtype)
+        inputs = capture_inputs(model, spec, input_ids, config.batch_size, device, compute_dtype, store)
     results: dict[str, LayerResult] = {}
     progress("blocks", total=len(blocks), start=start_block)
     for i in range(start_block, len(blocks)):
@@ -334,7 +342,7 @@ def quantize_model(model: nn.Module, spec: ArchSpec, method: Method, config: Qua
             check_finite(f"{prefix}.{name}", block.get_submodule(name).weight)
         original_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=compute_dtype)
-        ctx = BlockContext(block, i, block_spec, config, inputs, device, compute_dtype, prefix)
+        ctx = BlockContext(block, i, block_spec, config, inputs, device, compute_dtype, prefix, store)
         ctx.keep_float = {n for n in block_spec.linears if f"{prefix}.{n}" in keep_float}
         block_results = {n: r for n, r in method.quantize_block(ctx).items() if n not in ctx.keep_float}
         for name, res in block_results.items():

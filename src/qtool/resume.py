@@ -42,6 +42,7 @@ from qtool import __version__
 from qtool.errors import UserInputError
 from qtool.io import overlap
 from qtool.qtensor import QuantizedWeight
+from qtool.tensorfiles import ByteRange, write_safetensors
 from qtool.textfiles import sha256_file
 
 LAYOUT = 3  # work-folder layout (1: block files + inputs + state.json; 2: no state file; 3: packed tensors), fingerprinted
@@ -194,7 +195,10 @@ class WorkDir:
 
         def write(tmp: Path) -> None:
             for name, (tensors, metadata) in files.items():
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name), metadata=metadata)
+                if tensors and all(isinstance(v, ByteRange) for v in tensors.values()):  # spilled activations: copied, not loaded
+                    write_safetensors(tmp / name, tensors, metadata)
+                else:
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name), metadata=metadata)
 
         commit_folder(target, write)
         for stale in self.path.glob(f"block-*/{INPUTS}"):
@@ -230,8 +234,10 @@ class WorkDir:
             layers[name] = info
         meta = {"layers": json.dumps(layers, sort_keys=True), "extra": json.dumps(extra or {}, sort_keys=True)}
         files = {BLOCK_FILE: (tensors, meta)}
-        if next_inputs is not None:
-            files[INPUTS] = ({f"hidden.{i}": h for i, h in enumerate(next_inputs)}, {})
+        if next_inputs is not None:  # spilled to disk (qtool.activations): their bytes are copied one at a time
+            ranges = getattr(next_inputs, "byte_ranges", lambda: None)()
+            chunks = ranges if ranges is not None else [h.to("cpu") for h in next_inputs]
+            files[INPUTS] = ({f"hidden.{i}": h for i, h in enumerate(chunks)}, {})
         self.commit_block(index, files)
 
     def block_meta(self, index: int) -> tuple[dict, dict]:

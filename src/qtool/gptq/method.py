@@ -183,7 +183,7 @@ class GPTQMethod:
         self._solve(ctx, qkv, self._hessians(ctx, [qkv[0]])[qkv[0]])
         self._share(ctx)
         # 2. o_proj: its input is the attention with quantized q/k/v
-        o_inputs: list[torch.Tensor] = []
+        o_inputs = ctx.store.new()  # per-chunk caches live where the activations live (qtool.activations)
         acc = HessianAccumulator(ctx.linear(o_name).in_features, ctx.full_name(o_name), device=dev)
         ctx.collect_inputs({o_name: lambda x: (acc.add(x), o_inputs.append(x.clone()))})
         self._solve(ctx, (o_name,), _run_hessian(acc)[0])
@@ -191,9 +191,9 @@ class GPTQMethod:
         # 3. gate/up: replay the attention as quantized o_proj(cached input)
         o_proj = ctx.linear(o_name)
         with torch.inference_mode():
-            attn_out = [o_proj(x) for x in o_inputs]
+            attn_out = ctx.store.new(o_proj(x) for x in o_inputs)
         o_inputs.clear()
-        mlp_inputs: list[torch.Tensor] = []
+        mlp_inputs = ctx.store.new()
         acc = HessianAccumulator(ctx.linear(up_group[0]).in_features, ctx.full_name(up_group[0]), device=dev)
         attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
         try:
@@ -204,7 +204,7 @@ class GPTQMethod:
         self._share(ctx)
         # 4. down_proj: run only the MLP (with quantized gate/up) on the cached MLP input
         mlp = block.get_submodule(spec.mlp)
-        down_inputs: list[torch.Tensor] = []
+        down_inputs = ctx.store.new()
         acc = HessianAccumulator(ctx.linear(down_name).in_features, ctx.full_name(down_name), device=dev)
 
         def record(module, args):
@@ -228,7 +228,7 @@ class GPTQMethod:
         # 5. the block's output: both halves replayed from the cached tensors
         down = ctx.linear(down_name)
         with torch.inference_mode():
-            mlp_out = [down(x) for x in down_inputs]
+            mlp_out = ctx.store.new(down(x) for x in down_inputs)
         down_inputs.clear()
         attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
         mlp = _swap(block, spec.mlp, _Replay(mlp_out, as_tuple=False))
