@@ -73,3 +73,13 @@ def test_plan_terms_grow_with_what_they_count(mini_llama, method):
     small = estimate(model, spec, QuantizeConfig(method=method, nsamples=8, seqlen=64), streamed=True)
     big = estimate(model, spec, QuantizeConfig(method=method, nsamples=64, seqlen=64), streamed=True)
     assert big.parts["activations"] == 8 * small.parts["activations"] and small.parts["method"] > 0
+
+
+def test_model_free_run_records_its_plan_and_peak(capsys, tmp_path, mini_llama):
+    """A model-free run prints and records the plan ``qtool plan`` gives, with the peak."""
+    plan = json.loads(run_cli(capsys, "plan", mini_llama, "--method", "rtn", "--json").out)
+    res = run_cli(capsys, "quantize", mini_llama, "--method", "rtn", "-o", tmp_path / "out")
+    assert res.code == 0 and "memory plan: peak" in res.err + res.out, res.err
+    memory = json.loads((tmp_path / "out" / "qtool.json").read_text())["memory"]
+    assert memory["plan"]["model_free"] and memory["plan"]["peak_cpu_bytes"] == plan["peak_cpu_bytes"]
+    assert memory["peak_rss_bytes"] > 0

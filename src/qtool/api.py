@@ -398,6 +398,14 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
         log.info("in-model RTN: model-free would not give the same files (%s)", exc)
         return f"model-free would differ: {exc}"
     config = check_plan(config, free_plan.shapes)
+    from qtool import memplan
+
+    mem = memplan.model_free_plan(free_plan.shapes.values())
+    progress("stage", name="memory plan", detail=mem.line())
+    if not mem.fits:
+        raise UserInputError(f"not enough memory: this run needs about {mem.peak_cpu / memplan.GIB:.1f} GiB of CPU "
+                             f"memory and {mem.available_cpu / memplan.GIB:.1f} GiB are available ({mem.line()}); "
+                             "use a machine with more memory")
     progress("stage", name="coverage", detail=free_plan.coverage["line"])
     record = {
         "model": {"source": source.display, "kind": source.kind, **source_facts(source.kind, source.path, folder)},
@@ -405,6 +413,7 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
                    {"line": equivalent_command(model, output, config, dtype, device), "via": "api"},
         "calibration": None, "seed": config.seed, "torch_version": torch.__version__, "device": "cpu",
         "timings_s": {"load": round(time.perf_counter() - t_start, 2)}, "resumed_from_block": 0,
+        "memory": {"plan": mem.to_json()},  # with the measured peak, added by the run
     }
     record = mf.run(Path(folder), Path(output), config, free_plan, record=record, force=force, progress=progress)
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)

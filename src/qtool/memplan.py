@@ -123,10 +123,7 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
                                       (blocks[big].get_submodule(n) for n in spec.for_block(big).linears)]
     parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
     if model_free:
-        n, k = max(linears, key=lambda s: s[0] * s[1], default=(0, 0))
-        parts["largest tensor"] = n * k * (4 + 4 + 1)
-        parts["unaccounted"] = int(parts["largest tensor"] * SLACK)
-        return MemoryPlan(sum(parts.values()), available_cpu(), model_free=True, parts=parts)
+        return model_free_plan(linears)
     all_params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     if streamed:
@@ -185,6 +182,15 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         peak_dev = dev_peak(all_chunks if place == "device" else on_disk if place == "disk" else 0)
     return MemoryPlan(int(sum(final.values())), cpu_avail, peak_dev, dev_avail, streamed, False, final,
                       activations=place, spill_bytes=all_chunks if place == "disk" else 0)
+
+
+def model_free_plan(shapes) -> MemoryPlan:
+    """Model-free RTN's plan from the ``(n, k)`` shapes of the weights it quantizes: the
+    runtime and the largest weight in float32 with its codes."""
+    n, k = max(shapes, key=lambda s: s[0] * s[1], default=(0, 0))
+    parts = {"runtime": RUNTIME_BYTES, "largest tensor": n * k * (4 + 4 + 1)}
+    parts["unaccounted"] = int(parts["largest tensor"] * SLACK)
+    return MemoryPlan(sum(parts.values()), available_cpu(), model_free=True, parts=parts)
 
 
 def fitting_options(model, spec, config, **kw) -> list[str]:

@@ -359,6 +359,10 @@ def run(folder: Path, output: Path, config, plan: Plan, *, record: dict, force: 
                 "config": config.to_dict(), **record, "layers": stats, "coverage": plan.coverage}
         full["model"] = {**full.get("model", {}), "architecture": plan.architecture}
         full["timings_s"] = {**full.get("timings_s", {}), "quantize": round(t_quant - t0, 2)}
+        if "memory" in full:  # the peak RSS so far: every tensor was quantized, the shards are written
+            import resource
+
+            full["memory"] = {**full["memory"], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         full["model_free"] = {"used": True, "reason": plan.reason,
                               "dtype": None if plan.dtype is None else str(plan.dtype).split(".")[-1]}
         return commit_checkpoint(tmp, output, full, shards, lambda f, rec: checkpoint_card(f, rec, str(folder)))
