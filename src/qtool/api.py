@@ -133,7 +133,10 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     from qtool.pipeline import capture_inputs, quantize_model
     from qtool.resume import WorkDir, check_work_dir, fingerprint, model_fingerprint
 
+    from qtool.streaming import steady_allocator
+
     t_start = time.perf_counter()
+    steady_allocator()  # a steady peak from block to block (its docstring has the numbers)
     check_activations(activations)
     source = resolve(model)
     check_output_path(output, force, source_paths(source))
@@ -400,7 +403,12 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
     config = check_plan(config, free_plan.shapes)
     from qtool import memplan
 
-    mem = memplan.model_free_plan(free_plan.shapes.values())
+    from qtool.tensorfiles import source_tensors
+
+    headers = source_tensors(Path(folder))
+    largest_plain = max((e.nbytes + e.nbytes // e.dtype.itemsize for n, e in headers.items()
+                         if n in free_plan.plain and e.dtype.is_floating_point), default=0)
+    mem = memplan.model_free_plan(free_plan.shapes.values(), largest_plain)
     progress("stage", name="memory plan", detail=mem.line())
     if not mem.fits:
         raise UserInputError(f"not enough memory: this run needs about {mem.peak_cpu / memplan.GIB:.1f} GiB of CPU "

@@ -123,7 +123,7 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
                                       (blocks[big].get_submodule(n) for n in spec.for_block(big).linears)]
     parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
     if model_free:
-        return model_free_plan(linears)
+        return model_free_plan(linears, model.get_input_embeddings().weight.numel() * (elt + 1))
     all_params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     if streamed:
@@ -184,11 +184,13 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
                       activations=place, spill_bytes=all_chunks if place == "disk" else 0)
 
 
-def model_free_plan(shapes) -> MemoryPlan:
+def model_free_plan(shapes, largest_plain: int = 0) -> MemoryPlan:
     """Model-free RTN's plan from the ``(n, k)`` shapes of the weights it quantizes: the
-    runtime and the largest weight in float32 with its codes."""
+    runtime and the largest weight in float32 with its codes, or the largest tensor kept
+    in float (the embeddings) as read with its finiteness check, whichever is larger
+    (``largest_plain`` bytes)."""
     n, k = max(shapes, key=lambda s: s[0] * s[1], default=(0, 0))
-    parts = {"runtime": RUNTIME_BYTES, "largest tensor": n * k * (4 + 4 + 1)}
+    parts = {"runtime": RUNTIME_BYTES, "largest tensor": max(n * k * (4 + 4 + 1), largest_plain)}
     parts["unaccounted"] = int(parts["largest tensor"] * SLACK)
     return MemoryPlan(sum(parts.values()), available_cpu(), model_free=True, parts=parts)
 

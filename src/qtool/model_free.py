@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+import safetensors
 
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.tensorfiles import (  # noqa: F401  (the byte-range writer, shared with the in-model path)
@@ -64,7 +64,7 @@ UNKNOWN = "neither transformers nor qtool knows this architecture"
 
 
 def _load(entry: ByteRange, name: str) -> torch.Tensor:
-    with safe_open(str(entry.path), framework="pt") as handle:
+    with safetensors.safe_open(str(entry.path), framework="pt") as handle:
         return handle.get_tensor(name)
 
 

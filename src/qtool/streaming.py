@@ -114,13 +114,11 @@ class Streamed:
 _LIBC = None
 
 
-def trim_memory() -> None:
-    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 1 << 20
 
-    Each block frees tens to hundreds of MB of tensors; without this glibc keeps the
-    fragmented heap and the peak RSS grows by a few MB per block (measured on the
-    default model: about 7 MB per block, 200 MB over its 30), which breaks "memory does
-    not grow with depth"."""
+
+def _libc():
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -128,11 +126,35 @@ def trim_memory() -> None:
 
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim
+            _LIBC.malloc_trim, _LIBC.mallopt
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def steady_allocator() -> None:
+    """Allocations of 1 MiB or more get their own memory map, returned to the OS when
+    freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing). glibc otherwise
+    raises that threshold to the largest block freed so far, so a block's tensors of up to
+    32 MB land in the heap, whose freed parts linger: the peak of a block then varies by
+    ~150 MB from block to block, and a deeper model's peak is the max of more draws
+    (measured: 0.89 vs 1.04 GB at 16 vs 64 blocks of a 1024-wide Llama; 0.73 vs 0.75
+    with this)."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Each block frees tens to hundreds of MB of tensors; without this glibc keeps the
+    fragmented heap and the peak RSS grows by a few MB per block (measured on the
+    default model: about 7 MB per block, 200 MB over its 30), which breaks "memory does
+    not grow with depth"."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
