@@ -15,6 +15,7 @@ def test_plan_reads_no_weights_and_splits_the_peak(capsys, mini_llama, monkeypat
     import safetensors
     import transformers.modeling_utils  # noqa: F401  (these bind safe_open when imported: imported
     import qtool.io  # noqa: F401  before the patch, so that it does not stay bound in them)
+    import qtool.model_free  # noqa: F401
 
     def no_reads(*a, **k):
         raise AssertionError("qtool plan read a tensor")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qtool.tensorfiles import ByteRange, Spill
+from qtool.tensorfiles import ByteRange, Spill, read_tensor
 
 PLACES = ("auto", "device", "cpu", "disk")
 
@@ -106,7 +106,7 @@ class Chunks(Sequence):
         item = self._items[index]
         if isinstance(item, ByteRange):
             self._flush()
-            return read_range(item).to(self.store.device)
+            return read_tensor(item).to(self.store.device)
         return item.to(self.store.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -134,21 +134,3 @@ class Chunks(Sequence):
             self.clear()
         except Exception:  # interpreter shutdown: the store's folder is removed by close()
             pass
-
-
-def read_range(entry: ByteRange) -> torch.Tensor:
-    """One tensor read from its bytes in a file."""
-    buf = bytearray(entry.nbytes)
-    with open(entry.path, "rb") as f:
-        f.seek(entry.offset)
-        f.readinto(buf)
-    if not entry.nbytes:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
-
-
-def resolve(place: str, device: torch.device, planned: str | None) -> str:
-    """The place a run uses: ``place`` as asked, ``auto`` as planned (``device`` on a CPU
-    run is CPU memory)."""
-    chosen = planned or "device" if place == "auto" else place
-    return "device" if chosen == "cpu" and device.type == "cpu" else chosen

@@ -132,7 +132,6 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     from qtool.methods import get_method
     from qtool.pipeline import capture_inputs, quantize_model
     from qtool.resume import WorkDir, check_work_dir, fingerprint, model_fingerprint
-
     from qtool.streaming import steady_allocator
 
     t_start = time.perf_counter()
@@ -310,13 +309,23 @@ def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool |
     kw = dict(streamed=streamed, model_free=free, device=dev, load_bytes=load_bytes, activations=activations)
     mem = memplan.estimate(skeleton, spec, config, **kw)
     if not mem.fits:
-        fixes = memplan.fitting_options(skeleton, spec, config, **kw)
-        hint = f"try {' or '.join(fixes)}" if fixes else "use a machine with more memory (or a GPU with --device cuda)"
-        where = "CPU" if mem.peak_cpu > mem.available_cpu else "device"
-        need, have = (mem.peak_cpu, mem.available_cpu) if where == "CPU" else (mem.peak_device, mem.available_device)
-        raise UserInputError(f"not enough memory: this run needs about {need / memplan.GIB:.1f} GiB of {where} memory "
-                             f"and {have / memplan.GIB:.1f} GiB are available ({mem.line()}); {hint}")
+        _refuse_unless_fits(mem, memplan.fitting_options(skeleton, spec, config, **kw))
     return mem
+
+
+def _refuse_unless_fits(mem, fixes: list[str],
+                        otherwise: str = "use a machine with more memory (or a GPU with --device cuda)") -> None:
+    """``UserInputError`` for a plan that does not fit, naming ``fixes`` (options that fit),
+    else ``otherwise``."""
+    from qtool.memplan import GIB
+
+    if mem.fits:
+        return
+    hint = f"try {' or '.join(fixes)}" if fixes else otherwise
+    where = "CPU" if mem.peak_cpu > mem.available_cpu else "device"
+    need, have = (mem.peak_cpu, mem.available_cpu) if where == "CPU" else (mem.peak_device, mem.available_device)
+    raise UserInputError(f"not enough memory: this run needs about {need / GIB:.1f} GiB of {where} memory "
+                         f"and {have / GIB:.1f} GiB are available ({mem.line()}); {hint}")
 
 
 def _join_processes(dev: torch.device, config: QuantizeConfig):
@@ -403,17 +412,9 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
     config = check_plan(config, free_plan.shapes)
     from qtool import memplan
 
-    from qtool.tensorfiles import source_tensors
-
-    headers = source_tensors(Path(folder))
-    largest_plain = max((e.nbytes + e.nbytes // e.dtype.itemsize for n, e in headers.items()
-                         if n in free_plan.plain and e.dtype.is_floating_point), default=0)
-    mem = memplan.model_free_plan(free_plan.shapes.values(), largest_plain)
+    mem = memplan.model_free_plan(free_plan.shapes.values(), free_plan.largest_plain)
     progress("stage", name="memory plan", detail=mem.line())
-    if not mem.fits:
-        raise UserInputError(f"not enough memory: this run needs about {mem.peak_cpu / memplan.GIB:.1f} GiB of CPU "
-                             f"memory and {mem.available_cpu / memplan.GIB:.1f} GiB are available ({mem.line()}); "
-                             "use a machine with more memory")
+    _refuse_unless_fits(mem, [], otherwise="use a machine with more memory")
     progress("stage", name="coverage", detail=free_plan.coverage["line"])
     record = {
         "model": {"source": source.display, "kind": source.kind, **source_facts(source.kind, source.path, folder)},

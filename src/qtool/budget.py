@@ -48,10 +48,6 @@ def layer_bytes(fmt_name: str, options: dict, shape: tuple[int, int], bits: int,
     return sum(t.numel() * t.element_size() for t in packed.values())
 
 
-def budget_bytes(bits_per_weight: float, weights: int) -> int:
-    return int(bits_per_weight * weights / 8)
-
-
 def solve(choices: Mapping[str, Sequence[Choice]], budget: int, states: int = 20000) -> dict[str, Choice]:
     """The choice per layer with the least total loss whose total ``nbytes`` is at most
     ``budget``. Sizes are counted in units of ``max(1, budget // states)`` bytes, each

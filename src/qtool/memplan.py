@@ -121,11 +121,11 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
     big = max(range(len(blocks)), key=lambda i: sum(p.numel() for p in blocks[i].parameters()), default=None)
     linears = [] if big is None else [(lin.out_features, lin.in_features) for lin in
                                       (blocks[big].get_submodule(n) for n in spec.for_block(big).linears)]
-    parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
-    if model_free:
-        return model_free_plan(linears, model.get_input_embeddings().weight.numel() * (elt + 1))
-    all_params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
+    if model_free:
+        return model_free_plan(linears, embed * (elt + 1))
+    parts: dict[str, int] = {"runtime": RUNTIME_BYTES}
+    all_params = sum(p.numel() for p in model.parameters())
     if streamed:
         parts["resident weights"] = embed * elt
         parts["block"] = block_params * (4 + elt)
@@ -153,7 +153,7 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         parts["method"] = parts.get("method", 0) + search * (hidden + 2 * widest) * 4 * 2
     parts["save buffers"] = 3 * COPY_CHUNK  # the shards are copied and read back in chunks
     cpu_avail = available_cpu()
-    dev_avail = available_device(device) if device.type == "cuda" else None
+    dev_avail = available_device(device)
 
     def cpu_parts(act: int) -> dict[str, int]:
         out = {**parts, "activations": act}

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import safetensors
+from safetensors import safe_open
 
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.tensorfiles import (  # noqa: F401  (the byte-range writer, shared with the in-model path)
@@ -64,7 +64,7 @@ UNKNOWN = "neither transformers nor qtool knows this architecture"
 
 
 def _load(entry: ByteRange, name: str) -> torch.Tensor:
-    with safetensors.safe_open(str(entry.path), framework="pt") as handle:
+    with safe_open(str(entry.path), framework="pt") as handle:
         return handle.get_tensor(name)
 
 
@@ -89,6 +89,9 @@ class Plan:
     architecture: str
     reason: str
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # bytes of the largest float tensor passed through, read whole with its finiteness
+    # check (bool per element): the memory plan's other candidate for the peak
+    largest_plain: int = 0
 
 
 class NotIdentical(Exception):
@@ -307,6 +310,14 @@ def make_plan(folder: Path, config, dtype: str, include: tuple[str, ...], explic
 
     _check_weights(folder)  # a corrupt or truncated shard: one clear line, as for the in-model path
     tensors = source_tensors(folder)
+    plan = _make_plan(folder, config, tensors, dtype, include, explicit)
+    plan.largest_plain = max((e.nbytes + e.nbytes // e.dtype.itemsize for n, e in tensors.items()
+                              if n in plan.plain and e.dtype.is_floating_point), default=0)
+    return plan
+
+
+def _make_plan(folder: Path, config, tensors: dict[str, ByteRange], dtype: str, include: tuple[str, ...],
+               explicit: bool) -> Plan:
     if include:
         return plan_patterns(folder, tensors, include, tuple(config.exclude), dtype)
     hint = "name the weights to quantize with --include PATTERN (e.g. --include 'model.layers.*')"

@@ -77,6 +77,17 @@ def copy_bytes(entry: ByteRange, out) -> None:
             left -= len(chunk)
 
 
+def read_tensor(entry: ByteRange) -> torch.Tensor:
+    """The tensor whose bytes ``entry`` points at, read with one file read (no mmap)."""
+    if not entry.nbytes:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    buf = bytearray(entry.nbytes)
+    with open(entry.path, "rb") as f:
+        f.seek(entry.offset)
+        f.readinto(buf)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
+
+
 def same_bytes(a: ByteRange, b: ByteRange) -> bool:
     if a.nbytes != b.nbytes:
         return False
