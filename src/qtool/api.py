@@ -137,6 +137,11 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     t_start = time.perf_counter()
     steady_allocator(calibrated=config.method != "rtn")  # a steady peak from block to block (see its docstring)
     check_activations(activations)
+    if config.bits_budget:  # the layer sensitivity runs the whole float model
+        if stream:
+            raise UserInputError("--bits-budget measures each layer in the whole model, which --stream never holds: "
+                                 "drop --stream")
+        stream = False
     source = resolve(model)
     check_output_path(output, force, source_paths(source))
     check_work_dir(output, resume, restart, source_paths(source))
@@ -158,10 +163,14 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     spec, config, shapes = plan(hf_model, config, weights)
     coverage = plan_coverage(hf_model, spec, config.exclude)  # refuses uncovered weights before calibration
     progress("stage", name="coverage", detail=coverage.line())
+    if config.bits_budget:  # a budget no choice of widths meets is refused before the work
+        from qtool.budget import check_budget
+
+        check_budget(config, {n: shapes[n] for n in coverage.quantized}, spec)
     method = get_method(config)
     t_loaded = time.perf_counter()
     calib = None
-    if method.needs_calibration:
+    if method.needs_calibration or config.bits_budget:
         progress("stage", name="calibration data", detail=config.calib or "bundled calib_data")
         from qtool.calib_vlm import is_image_text, load_image_text
 
@@ -169,6 +178,14 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
         calib = (load_image_text(config.calib, folder, config.nsamples, config.seqlen, config.seed)
                  if is_image_text(config.calib) else
                  load_calibration(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed))
+    budget = None
+    if config.bits_budget:  # per-layer widths from the measured sensitivity (qtool.budget)
+        from qtool.budget import choose_widths
+
+        progress("stage", name="bits budget", detail=f"{config.bits_budget} bits per weight: measuring each layer")
+        config, budget = choose_widths(hf_model, spec, config, calib.input_ids, coverage.quantized, progress)
+        method = get_method(config)
+        progress("stage", name="bits budget", detail=budget_line(budget))
     # this process's chunks (all of them in a single process): qtool.distributed
     local_ids = None if calib is None else distributed.local_calibration(calib.input_ids, config.batch_size)
     if world.size > 1 and local_ids is not None:
@@ -237,6 +254,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
                    {"line": equivalent_command(model, output, config, dtype, device), "via": "api"},
         "calibration": None if calib is None else calib.provenance(),
         "seed": config.seed,
+        **({"bits_budget": budget} if budget else {}),
         "layers": {name: {"shape": list(shapes[name]), **res.stats} for name, res in sorted(results.items())},
         "coverage": coverage.to_json(),
         "torch_version": torch.__version__,
@@ -259,6 +277,12 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     distributed.barrier()  # the other processes return once the checkpoint is written
     record["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     return {"output": str(output), **record}
+
+
+def budget_line(budget: dict) -> str:
+    """One line on a ``--bits-budget`` choice (qtool.json's ``bits_budget``)."""
+    widths = ", ".join(f"{count} at {bits} bits" for bits, count in budget["widths"].items())
+    return f"{widths}: {budget['bits_per_weight']} bits per weight (budget {budget['bits_budget']})"
 
 
 def memory_plan(model: str | None, config: QuantizeConfig, *, dtype: str = "auto", device: str = "auto",
@@ -291,7 +315,7 @@ def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool |
     check_dtype(dtype)
     folder = None if source.kind == "gguf" else local_folder(source)
     free = False
-    if config.method == "rtn" and model_free is not False and folder is not None:
+    if config.method == "rtn" and not config.bits_budget and model_free is not False and folder is not None:
         from qtool import model_free as mf
 
         try:
@@ -300,7 +324,8 @@ def _memory_plan(source, config: QuantizeConfig, dtype: str, dev, stream: bool |
         except (mf.NotIdentical, UnsupportedError):
             free = False
     reason, target = streaming.check(folder, dtype)
-    streamed = stream is not False and not free and reason is None
+    # --bits-budget's sensitivity runs the whole float model
+    streamed = stream is not False and not config.bits_budget and not free and reason is None
     skeleton = skeleton_model(source)
     if skeleton is None:
         raise UserInputError(f"cannot plan {source.display}: transformers cannot build it from its config")
@@ -388,6 +413,7 @@ def _model_free(source, output, config: QuantizeConfig, *, dtype: str, force: bo
     # the reason recorded depends on the run's settings, not on how it was started
     # (a flag that changed nothing, or --resume of the same run): resumed files stay identical
     why = ("--method " + config.method + " needs the model" if config.method != "rtn" else
+           "--bits-budget measures each layer in the model" if config.bits_budget else
            "the source is a GGUF file" if source.kind == "gguf" else None)
     if model_free is False:
         if include:
@@ -504,6 +530,7 @@ def inspect_checkpoint(path: str | Path, verify: bool = False) -> dict:
         "calibration": record.get("calibration"), "model": record.get("model"),
         "layers": {name: layers[name] for name in sorted(layers, key=natural_key)},
         "timings_s": record.get("timings_s"), "summary": checkpoint_summary(path, record),
+        "bits_budget": record.get("bits_budget"), "layer_bits": dict(cfg.get("layer_bits") or ()),
     })
     if verify:
         mismatched = [name for name, digest in record["files_sha256"].items()

@@ -157,6 +157,8 @@ def equivalent_command(model: str | None, output: str | Path, config, dtype: str
     for field in dataclasses.fields(config):
         if field.name.startswith("_") or field.name == "version":
             continue
+        if field.name == "layer_bits" and config.bits_budget:  # --bits-budget chooses them again, the same
+            continue
         value = getattr(config, field.name)
         default = getattr(auto if field.name == "static_groups" else cli_default, field.name)
         if value is None or value == default:

@@ -188,13 +188,14 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its work folder (same model, data and options)."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run's work folder and start over."),
+    bits_budget: float = typer.Option(0.0, "--bits-budget", show_default=False, help="Mixed precision (formats gptq and compressed-tensors): average bits per weight, scales and zeros included (e.g. 4.5); each layer group's sensitivity (KL when only it is at --bits) is measured and the least sensitive stay at --bits, the rest go to 8 bits.  [default: off]"),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", metavar="PATTERN", help="Keep linears in float whose full module name matches this fnmatch pattern (repeatable), e.g. '*.down_proj'."),
     model_free: Optional[bool] = typer.Option(None, "--model-free/--no-model-free", show_default=False, help="RTN: quantize tensor by tensor from the safetensors shards without building the model (memory of one tensor).  [default: auto = when the files are the same as the in-model path's]"),
     include: Optional[list[str]] = typer.Option(None, "--include", metavar="PATTERN", help="Model-free RTN: quantize the 2-D weights whose full tensor name matches this fnmatch pattern (repeatable), e.g. 'model.layers.*'; for architectures without a qtool family file."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", show_default=False, help="Read each block's weights from the safetensors shards only while it is quantized (memory of one block).  [default: auto = when the files are the same as loading the model whole]"),
     activations: str = typer.Option("auto", "--activations", help="Where the calibration activations live: device | cpu | disk (a spill folder next to the output; memory of one chunk).  [default: auto = the first that the memory plan fits]"),
 ) -> None:
-    from qtool.api import quantize as run_quantize
+    from qtool.api import budget_line, quantize as run_quantize
 
     if resume and restart:
         raise click.exceptions.UsageError("--resume continues the interrupted run and --restart discards it: pass only one of them")
@@ -211,7 +212,8 @@ def quantize(
     cfg = result["config"]
     _emit(result, f"wrote {result['output']}: {cfg['method']} {cfg['bits']}-bit group {cfg['group_size']} "
                   f"{'sym' if cfg['sym'] else 'asym'}, format {result['format']}, "
-                  f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s\n{result['coverage']['line']}")
+                  f"{len(result['layers'])} layers in {result['timings_s']['total']:.1f}s\n{result['coverage']['line']}"
+                  + (f"\nbits budget: {budget_line(result['bits_budget'])}" if result.get("bits_budget") else ""))
 
 
 def _quantize_config(kw: dict):

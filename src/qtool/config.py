@@ -21,6 +21,8 @@ SCALE_SEARCHES = ("minmax", "mse")
 GROUP_SIZE_CANDIDATES = (128, 64, 32)
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
+MIXED_METHODS = METHODS  # per-layer bit widths (--bits-budget): each method quantizes (and searches) at a layer's width
+MIXED_FORMATS = ("compressed-tensors", "gptq")  # formats whose config states per-layer widths
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,17 @@ class QuantizeConfig:
     moe_low_tokens: str = "all-experts"
     # fnmatch patterns on full module names of linears to keep in float (--exclude)
     exclude: tuple[str, ...] = ()
+    # mixed precision (--bits-budget, qtool.budget): average bits per quantized weight,
+    # scales and zeros included, that the per-layer widths must meet (0 = off); the widths
+    # chosen are ``layer_bits``: (full module name, bits) of the linears not at ``bits``
+    bits_budget: float = 0.0
+    layer_bits: tuple[tuple[str, int], ...] = ()
     version: int = field(default=CONFIG_VERSION)
     _auto_groups: bool = field(default=False, init=False, repr=False, compare=False)  # static_groups was None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in self.layer_bits))
         if self.method not in METHODS:
             raise UserInputError(f"unknown --method '{self.method}': use one of {', '.join(METHODS)}")
         if self.bits not in SUPPORTED_BITS:
@@ -127,10 +135,38 @@ class QuantizeConfig:
             raise UserInputError(f"unknown --moe-low-tokens '{self.moe_low_tokens}': use all-experts or rtn")
         if self.static_groups and self.method not in GPTQ_METHODS:
             raise UserInputError("--static-groups only applies to --method gptq or awq-gptq")
+        if self.bits_budget or self.layer_bits:
+            self._check_mixed()
         if self.static_groups is None:
             object.__setattr__(self, "_auto_groups", True)
             object.__setattr__(self, "static_groups", self.method in GPTQ_METHODS and self.act_order
                                and _format_act_order(self.format) == "static")
+
+    def _check_mixed(self) -> None:
+        """Per-layer widths: RTN or GPTQ, a format whose config states them, 4-bit base."""
+        what = "--bits-budget" if self.bits_budget else "per-layer bits"
+        if self.method not in MIXED_METHODS:
+            raise UserInputError(f"{what} does not apply to --method {self.method}: use one of "
+                                 f"{', '.join(MIXED_METHODS)}")
+        if self.format not in MIXED_FORMATS:
+            raise UserInputError(f"--format {self.format} cannot state per-layer bit widths: use --format "
+                                 "compressed-tensors (config groups) or gptq (its 'dynamic' overrides) with "
+                                 f"{what}")
+        if self.bits != min(SUPPORTED_BITS):
+            raise UserInputError(f"{what} chooses between --bits {min(SUPPORTED_BITS)} and wider layers: "
+                                 f"use --bits {min(SUPPORTED_BITS)} with it")
+        if self.bits_budget and not 0 < self.bits_budget <= 32:
+            raise UserInputError(f"--bits-budget {self.bits_budget}: give average bits per weight, e.g. 4.5")
+        bad = [(n, b) for n, b in self.layer_bits if b not in SUPPORTED_BITS]
+        if bad:
+            raise UserInputError(f"per-layer bits {bad[0][1]} for {bad[0][0]} is not supported: use 4 or 8")
+
+    def bits_for(self, name: str) -> int:
+        """The bit width of the linear with full module name ``name``."""
+        for n, b in self.layer_bits:
+            if n == name:
+                return b
+        return self.bits
 
     @property
     def symmetric(self) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 from qtool import __version__
 from qtool.card import carried_card, read_source_card
+from qtool.config import MIXED_FORMATS
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import (
     DEFAULT_SHARD_SIZE,
@@ -140,6 +141,12 @@ def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, g
     options = target_options(to, params["sym"], gptq_version)
 
     what = f"cannot convert {source} ({_describe(params, src_fmt, src_options)}) to {to}"
+    # per-layer widths (--bits-budget) carry over to a format whose config states them
+    layers = {name: qw.bits for name, qw in qweights.items() if qw.bits != params["bits"]}
+    if layers and to not in MIXED_FORMATS:
+        raise UnsupportedError(f"{what}: {len(layers)} of {len(qweights)} layers are not {params['bits']}-bit "
+                               f"(per-layer widths, e.g. {min(layers)}) and {to}'s config cannot state them: "
+                               f"convert to {' or '.join(MIXED_FORMATS)}")
     reason = fmt.check_options(params["bits"], params["group_size"], params["sym"], act_order, **options)
     problem = None if reason else _first_problem(fmt, qweights, act_order, options)
     if reason or problem:
@@ -151,7 +158,8 @@ def convert_checkpoint(checkpoint: str | Path, to: str, output: str | Path, *, g
 
     model_config = json.loads((source / "config.json").read_text())
     model_config.pop("quantization_config", None)
-    quant_config = fmt.quantization_config(params["bits"], params["group_size"], params["sym"], act_order, **options)
+    quant_config = fmt.quantization_config(params["bits"], params["group_size"], params["sym"], act_order, **options,
+                                           **({"layers": layers} if layers else {}))
     if to == "compressed-tensors":  # a vision-language model: its float vision tower and projector stay unquantized
         from qtool.models.vlm import folder_ignore_patterns
 

@@ -24,7 +24,7 @@ from qtool.card import CARD_FILE, checkpoint_card
 from qtool.errors import FormatError, UnsupportedError, UserInputError
 from qtool.models.moe import disk_renamer, model_names
 from qtool.models import vlm
-from qtool.pack import get_format
+from qtool.pack import get_format, layer_params
 from qtool.qtensor import QuantizedWeight
 from qtool.textfiles import sha256_file
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 QTOOL_JSON = "qtool.json"
 DEFAULT_SHARD_SIZE = "5GB"
+# options_from_config's per-layer parameters (the rest are format options for pack/unpack)
+LAYER_PARAMS = ("bits", "group_size", "sym", "act_order", "layers")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # quantize_config.json (AutoGPTQ) and quant_config.json (AutoAWQ) describe a source's format,
 # which the written checkpoint replaces with its own config.json -> quantization_config
@@ -155,13 +157,14 @@ def checkpoint_meta(model, config, provenance: dict) -> tuple[dict, dict, dict, 
     options = format_options(config.format, config)
     model_config = model.config.to_dict()
     model_config.pop("_name_or_path", None)
-    quant_config = get_format(config.format).quantization_config(
-        config.bits, config.group_size, config.symmetric, config.uses_act_order, **options)
     # names on disk: what the serving engines read (Mixtral's experts: block_sparse_moe.experts.{e}.w1, ...)
     # a vision-language model: the names save_pretrained writes (model.language_model.layers -> model.layers,
     # model.visual -> visual), and compressed-tensors told to leave the float vision tower and projector alone
     moe_to_disk, vlm_to_disk = disk_renamer(model, to_disk=True), vlm.disk_renamer(model)
     to_disk = lambda key: vlm_to_disk(moe_to_disk(key))  # noqa: E731
+    quant_config = get_format(config.format).quantization_config(
+        config.bits, config.group_size, config.symmetric, config.uses_act_order, **options,
+        **({"layers": {to_disk(n): b for n, b in config.layer_bits}} if config.layer_bits else {}))
     if config.format == "compressed-tensors" and vlm.is_vlm(model):
         quant_config = {**quant_config, "ignore": [*quant_config["ignore"], *vlm.ignore_patterns(model)]}
     if "layers" in provenance:
@@ -453,7 +456,7 @@ def detect_format(folder: Path) -> tuple[str, dict] | None:
             reasons.append(str(exc))
             continue
         if opts is not None:
-            return name, {k: v for k, v in opts.items() if k not in ("bits", "group_size", "sym", "act_order")}
+            return name, {k: v for k, v in opts.items() if k not in LAYER_PARAMS}
     raise UserInputError(
         f"{folder}: quantization_config with quant_method '{qcfg.get('quant_method')}' is not a format qtool reads "
         f"({', '.join(FORMATS)}): {'; '.join(reasons)}"
@@ -481,10 +484,11 @@ def read_quantized_layers(folder: str | Path) -> tuple[dict[str, QuantizedWeight
         layer = {s: tensors.pop(f"{module}.{s}") for s in fmt.TENSOR_SUFFIXES if f"{module}.{s}" in tensors}
         if f"{module}.bias" in tensors:
             layer["bias"] = tensors.pop(f"{module}.bias")
-        n, k = fmt.layer_shape(layer, **{**params, **options})
-        qweights[module] = fmt.unpack(layer, bits=params["bits"], group_size=params["group_size"], sym=params["sym"],
-                                      out_features=n, in_features=k, **{**options, **{
-                                          kk: vv for kk, vv in params.items() if kk not in ("bits", "group_size", "sym", "act_order")}})
+        p = layer_params(params, module)  # per-layer widths (--bits-budget) override the config's
+        n, k = fmt.layer_shape(layer, **{**p, **options})
+        qweights[module] = fmt.unpack(layer, bits=p["bits"], group_size=p["group_size"], sym=p["sym"],
+                                      out_features=n, in_features=k,
+                                      **{**options, **{kk: vv for kk, vv in p.items() if kk not in LAYER_PARAMS}})
     return qweights, tensors, fmt_name, params
 
 

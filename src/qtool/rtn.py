@@ -264,7 +264,7 @@ class RTNMethod:
         out = {}
         for name in ctx.spec.linears:
             lin = ctx.linear(name)
-            qw = rtn_quantize(lin.weight, ctx.config.bits, ctx.config.group_size, ctx.config.symmetric, lin.bias,
+            qw = rtn_quantize(lin.weight, ctx.config.bits_for(ctx.full_name(name)), ctx.config.group_size, ctx.config.symmetric, lin.bias,
                               ratios=config_ratios(ctx.config))
             deq = qw.dequantize()
             # weight_rel_err: the squared ratio, kept for older readers of qtool.json

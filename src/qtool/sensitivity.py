@@ -33,32 +33,38 @@ def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 def layer_sensitivity(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, bits_options: Sequence[int],
-                      group_size: int, sym: bool, batch_size: int = 1, names: Sequence[str] | None = None,
-                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[int, float]]:
-    """``{full linear name: {bits: mean KL}}`` over the calibration windows ``input_ids``
-    (``[n, seqlen]``), with the model in float and one layer quantized at a time.
-    ``names``: the layers to measure (default: every linear of every block)."""
+                      group_size: int, sym: bool, batch_size: int = 1,
+                      names: Sequence[str | tuple[str, ...]] | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """``{item: {bits: mean KL}}`` over the calibration windows ``input_ids``
+    (``[n, seqlen]``), with the model in float and one item quantized at a time. An item
+    is a full linear name, or a tuple of them quantized together (linears that share an
+    input, which the serving engines fuse into one layer and so give one width).
+    ``names``: the items to measure (default: every linear of every block)."""
     chunks = list(input_ids.split(batch_size))
     ref = [_log_probs(model, c) for c in chunks]
     if names is None:
         names = [f"{spec.blocks}.{i}.{n}" for i, _ in enumerate(get_blocks(model, spec)) for n in spec.for_block(i).linears]
-    out: dict[str, dict[int, float]] = {}
-    for done, name in enumerate(names):
-        lin = model.get_submodule(name)
-        original = lin.weight.data
-        out[name] = {}
+    out: dict = {}
+    for done, item in enumerate(names):
+        members = (item,) if isinstance(item, str) else tuple(item)
+        linears = [model.get_submodule(m) for m in members]
+        originals = [lin.weight.data for lin in linears]
+        out[item] = {}
         for bits in bits_options:
-            qw = rtn_quantize(original.float(), bits, group_size, sym)
-            lin.weight.data = qw.dequantize(torch.float32).to(original.dtype)
             try:
+                for lin, w in zip(linears, originals):
+                    qw = rtn_quantize(w.float(), bits, group_size, sym)
+                    lin.weight.data = qw.dequantize(torch.float32).to(w.dtype)
                 total = tokens = 0
                 for c, r in zip(chunks, ref):
                     kl = kl_per_token(r, _log_probs(model, c))
                     total += float(kl.sum())
                     tokens += kl.numel()
             finally:
-                lin.weight.data = original
-            out[name][bits] = total / tokens
+                for lin, w in zip(linears, originals):
+                    lin.weight.data = w
+            out[item][bits] = total / tokens
         if progress is not None:
-            progress(name, done + 1, len(names))
+            progress(members[0] if len(members) == 1 else "+".join(members), done + 1, len(names))
     return out

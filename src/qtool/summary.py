@@ -99,6 +99,25 @@ def _layer_line(name: str, stats: dict, all_stats: bool) -> str:
     return f"  {name}{shape}: " + "; ".join(part for part in (", ".join(errors), rest) if part)
 
 
+def width_lines(info: dict, all_layers: bool) -> list[str]:
+    """Per-layer widths (``--bits-budget``): how many linears at each width, the bits per
+    weight against the budget, and which linears are wider (the first few, or all)."""
+    wide = info.get("layer_bits") or {}
+    if not wide:
+        return []
+    budget = info.get("bits_budget")
+    if budget:
+        from qtool.api import budget_line
+
+        head = f"mixed precision: {budget_line(budget)}"
+    else:
+        head = f"mixed precision: {len(wide)} linears not at {info['bits']} bits"
+    names = sorted(wide, key=natural_key)
+    shown = names if all_layers else names[:WORST_SHOWN]
+    more = "" if len(shown) == len(names) else f" and {len(names) - len(shown)} more (all with --layers)"
+    return [head, "  wider: " + ", ".join(f"{n} ({wide[n]})" for n in shown) + more]
+
+
 def render_inspect(checkpoint: str, info: dict, all_layers: bool = False) -> str:
     """The text of ``qtool inspect``: the summary lines, the calibration, then the
     ``WORST_SHOWN`` worst layers by the summary's error (every layer in natural order,
@@ -130,6 +149,7 @@ def render_inspect(checkpoint: str, info: dict, all_layers: bool = False) -> str
     lines.append(f"calibration: {cal['source']} ({cal['nsamples']} x {cal['seqlen']} tokens, "
                  f"sha256 {cal['tokens_sha256'][:12]})" if cal else "calibration: none")
     lines += expert_lines(layers)
+    lines += width_lines(info, all_layers)
     if all_layers:
         lines.append(f"layers ({len(layers)}, in layer order):")
         lines += [_layer_line(name, stats, True) for name, stats in layers.items()]

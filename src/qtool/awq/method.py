@@ -92,7 +92,7 @@ class AWQMethod:
         for name in ctx.spec.linears:
             lin = ctx.linear(name)
             bound = plan.clip_max.get(name)
-            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
+            qw = rtn_quantize(lin.weight, cfg.bits_for(ctx.full_name(name)), cfg.group_size, cfg.symmetric,
                               None if lin.bias is None else lin.bias.detach().to("cpu"),
                               None if bound is None else bound.to(lin.weight.device))
             info = dict(plan.layer_stats.get(name, {}))
@@ -137,12 +137,14 @@ class AWQMethod:
             assert all(source_of[n] == src for n in group.linears), group
             st = input_stats[src]
             linears = [ctx.linear(n) for n in group.linears]
+            # --bits-budget gives the linears of a group one width (qtool.budget): search at it
+            bits = cfg.bits_for(ctx.full_name(group.linears[0]))
             if _scores_single_linear(group):
-                res = search_linear_scale(linears[0].weight, st.gram, st.search_tokens, st.mean_abs, cfg.bits,
+                res = search_linear_scale(linears[0].weight, st.gram, st.search_tokens, st.mean_abs, bits,
                                           cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
             else:
                 res = search_module_scale(ctx.block.get_submodule(group.module), linears, calls[group.module],
-                                          st.mean_abs, cfg.bits, cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
+                                          st.mean_abs, bits, cfg.group_size, cfg.symmetric, cfg.awq_grid, key)
             fold_scales(ctx.block.get_submodule(group.prev), linears, res.scales, key, kind=group.kind,
                         rows=group.rows(ctx.block))
             s = res.scales.to(st.gram.device)
@@ -161,7 +163,8 @@ class AWQMethod:
             for j, name in clipped:  # linear j on rank j mod N, then shared (all here in one process)
                 if distributed.owns(j):
                     t0 = time.perf_counter()
-                    bound = search_clip(ctx.linear(name).weight, grams[source_of[name]], cfg.bits, cfg.group_size,
+                    bound = search_clip(ctx.linear(name).weight, grams[source_of[name]],
+                                        cfg.bits_for(ctx.full_name(name)), cfg.group_size,
                                         cfg.symmetric, self.clip_grid, self.clip_max_shrink).cpu()
                     searched[name] = (bound, time.perf_counter() - t0)
             for j, name in clipped:

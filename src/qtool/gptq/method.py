@@ -140,7 +140,7 @@ class GPTQMethod:
         cfg = ctx.config
         for name in group:
             lin = ctx.linear(name)
-            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric, None if lin.bias is None else
+            qw = rtn_quantize(lin.weight, cfg.bits_for(ctx.full_name(name)), cfg.group_size, cfg.symmetric, None if lin.bias is None else
                               lin.bias.detach().to("cpu"), ratios=config_ratios(cfg))
             errors = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device))
             ctx.write_back(name, qw)
@@ -156,7 +156,7 @@ class GPTQMethod:
                 continue
             lin = ctx.linear(name)
             t0 = time.perf_counter()
-            res = gptq_quantize(lin.weight, hessian, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.symmetric,
+            res = gptq_quantize(lin.weight, hessian, bits=cfg.bits_for(ctx.full_name(name)), group_size=cfg.group_size, sym=cfg.symmetric,
                                 act_order=cfg.act_order, static_groups=cfg.static_groups, block_size=cfg.block_size,
                                 damp=cfg.damp, name=ctx.full_name(name), ratios=config_ratios(cfg))
             qw = res.qweight

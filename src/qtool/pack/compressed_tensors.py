@@ -169,11 +169,20 @@ def unpack(
 
 
 def quantization_config(
-    bits: int, group_size: int, sym: bool, act_order: bool, actorder: str | None = None, **options
+    bits: int, group_size: int, sym: bool, act_order: bool, actorder: str | None = None,
+    layers: dict[str, int] | None = None, **options
 ) -> dict:
-    """compressed-tensors' own ``quantization_config`` with one config group targeting
-    ``Linear`` (``lm_head`` ignored), ``strategy "group"`` or ``"channel"`` (group -1),
+    """compressed-tensors' own ``quantization_config``: one config group targets ``Linear``
+    (``lm_head`` ignored), ``strategy "group"`` or ``"channel"`` (group -1),
     status ``compressed``, ``actorder`` = the ``actorder`` option (``None`` or ``"weight"``).
+
+    ``layers`` (per-layer widths, ``--bits-budget``): ``{module name on disk: bits}`` of
+    the linears not at ``bits``; each other width gets its own group, before the
+    ``Linear`` one, whose targets are those exact names (compressed-tensors and vLLM match
+    an exact name before a class name, so these layers take their group's scheme).
+    transformers 5.25's ``CompressedTensorsConfig(dequantize=True)`` decompresses every
+    dense layer with one group's scheme, so it misreads such checkpoints; its default
+    loading applies each module's scheme (``tests/test_bits_budget.py``).
 
     Raises:
         UnsupportedError: dynamic act-order (``act_order`` with groups), which
@@ -182,31 +191,39 @@ def quantization_config(
     reason = check_options(bits, group_size, sym, act_order, actorder=actorder)
     if reason:
         raise UnsupportedError(f"compressed-tensors: {reason}")
-    weights = {
-        "num_bits": bits,
-        "type": "int",
-        "symmetric": sym,
-        "strategy": "channel" if group_size == -1 else "group",
-        "group_size": None if group_size == -1 else group_size,
-        "block_structure": None,
-        "dynamic": False,
-        "actorder": actorder,
-        "observer": "minmax",
-        "observer_kwargs": {},
-    }
+
+    def scheme(width: int, targets: list[str]) -> dict:
+        return {
+            "targets": targets,
+            "weights": {
+                "num_bits": width,
+                "type": "int",
+                "symmetric": sym,
+                "strategy": "channel" if group_size == -1 else "group",
+                "group_size": None if group_size == -1 else group_size,
+                "block_structure": None,
+                "dynamic": False,
+                "actorder": actorder,
+                "observer": "minmax",
+                "observer_kwargs": {},
+            },
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+
+    groups = {}
+    for width in sorted(set((layers or {}).values()) - {bits}):
+        if width not in SUPPORTED_BITS:
+            raise UnsupportedError(f"compressed-tensors: {width}-bit layers are not supported (4 or 8)")
+        groups[f"group_{len(groups)}"] = scheme(width, sorted(n for n, b in layers.items() if b == width))
+    groups[f"group_{len(groups)}"] = scheme(bits, ["Linear"])  # last: compressed-tensors' matcher warns about
+    # a named target that a module met only after matching an earlier group's "Linear"
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": None,
-                "output_activations": None,
-                "format": "pack-quantized",
-            }
-        },
+        "config_groups": groups,
         "ignore": ["lm_head"],
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -216,18 +233,43 @@ def quantization_config(
 
 
 def options_from_config(cfg: dict) -> dict:
-    """``{bits, group_size, sym, act_order}`` from a compressed-tensors config with one
-    pack-quantized int weight scheme (the form :func:`quantization_config` writes and
-    llm-compressor's W4A16/W8A16 presets produce)."""
+    """``{bits, group_size, sym, act_order}`` from a compressed-tensors config of
+    pack-quantized int weight schemes (the form :func:`quantization_config` writes and
+    llm-compressor's W4A16/W8A16 presets produce). With several config groups, the one
+    that targets ``Linear`` (else the first) gives these, and the others' targets become
+    ``layers``: ``[(kind, pattern, {bits, group_size, sym})]`` with exact module names
+    first, then ``re:`` patterns in sorted order (compressed-tensors' own precedence);
+    ``qtool.pack.layer_params`` applies them."""
     where = "compressed-tensors config"
     if cfg.get("quant_method") != "compressed-tensors":
         raise FormatError(
             f"{where}: quant_method {cfg.get('quant_method')!r} is not 'compressed-tensors'"
         )
     groups = cfg.get("config_groups") or {}
-    if len(groups) != 1:
-        raise UnsupportedError(f"{where}: {len(groups)} config groups; qtool reads exactly one")
-    scheme = next(iter(groups.values()))
+    if not groups:
+        raise UnsupportedError(f"{where}: no config groups")
+    params = {name: _scheme_params(scheme, cfg, f"{where} {name}") for name, scheme in groups.items()}
+    base = next((name for name, scheme in groups.items() if "Linear" in scheme.get("targets", ())), next(iter(groups)))
+    exact, regex = [], []
+    for name, scheme in groups.items():
+        if name == base:
+            continue
+        over = {k: params[name][k] for k in ("bits", "group_size", "sym")}
+        for target in scheme.get("targets", ()):
+            if target.startswith("re:"):
+                regex.append(("regex", target[3:], over))
+            elif "." in target:
+                exact.append(("exact", target, over))
+            else:  # a class name other than the default group's
+                raise UnsupportedError(f"{where} {name}: target {target!r} (a module class) in a second config "
+                                       "group; qtool reads per-layer groups by module name")
+    out = {**params[base]}
+    if exact or regex:
+        out["layers"] = [*exact, *sorted(regex, key=lambda e: e[1])]
+    return out
+
+
+def _scheme_params(scheme: dict, cfg: dict, where: str) -> dict:
     fmt = scheme.get("format") or cfg.get("format")
     if fmt != "pack-quantized":
         raise UnsupportedError(f"{where}: format {fmt!r} is not 'pack-quantized'")

@@ -42,6 +42,8 @@ zeros. qtool never writes that:
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from qtool.errors import FormatError, UnsupportedError, UserInputError
@@ -197,14 +199,27 @@ def unpack(
     )
 
 
+# vLLM fuses these siblings into one linear, named as the key, and looks a fused layer's
+# ``dynamic`` override up by that name: a per-layer pattern that covers all of them also
+# names the fused layer
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def quantization_config(
-    bits: int, group_size: int, sym: bool, act_order: bool, version: int | None = None, **options
+    bits: int, group_size: int, sym: bool, act_order: bool, version: int | None = None,
+    layers: dict[str, int] | None = None, **options
 ) -> dict:
     """``config.json -> quantization_config`` as GPTQModel writes it (spec §3.5), read by
     vLLM (``gptq`` / ``gptq_marlin``) and transformers ``GPTQConfig``. ``desc_act`` is
-    false for ``group_size == -1`` (one group: act-order has no layout effect; vLLM forces it)."""
+    false for ``group_size == -1`` (one group: act-order has no layout effect; vLLM forces it).
+
+    ``layers`` (per-layer widths, ``--bits-budget``): ``{module name on disk: bits}`` of
+    the linears not at ``bits``, written as GPTQModel's ``dynamic`` overrides (read by
+    GPTQModel and vLLM: the first key whose regex ``re.match``-es the module name, ``+:``
+    positive): one anchored pattern per parent module and width, e.g.
+    ``+:^model\\.layers\\.3\\.self_attn\\.(?:k_proj|q_proj|qkv_proj|v_proj)$`` -> ``{"bits": 8}``."""
     fmt = _FORMAT_NAMES[resolve_version(sym, version)]
-    return {
+    out = {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
@@ -215,24 +230,59 @@ def quantization_config(
         "format": fmt,
         "pack_dtype": "int32",
     }
+    if layers and any(b != bits for b in layers.values()):
+        out["dynamic"] = _dynamic({n: b for n, b in layers.items() if b != bits})
+    return out
+
+
+def _dynamic(layers: dict[str, int]) -> dict[str, dict]:
+    by_parent: dict[tuple[str, int], set[str]] = {}
+    for name, width in layers.items():
+        if width not in SUPPORTED_BITS:
+            raise UnsupportedError(f"gptq: {width}-bit layers are not supported (4 or 8)")
+        parent, _, leaf = name.rpartition(".")
+        by_parent.setdefault((parent, width), set()).add(leaf)
+    out = {}
+    for (parent, width), leaves in sorted(by_parent.items()):
+        names = leaves | {fused for fused, members in _FUSED.items() if set(members) <= leaves}
+        alternatives = "|".join(re.escape(n) for n in sorted(names))
+        out[f"+:^{re.escape(parent)}\\.(?:{alternatives})$"] = {"bits": width}
+    return out
 
 
 def options_from_config(cfg: dict) -> dict:
     """``{bits, group_size, sym, act_order, version}`` from a GPTQ ``quantization_config``
-    (GPTQModel or AutoGPTQ keys; ``format`` or legacy ``checkpoint_format``)."""
+    (GPTQModel or AutoGPTQ keys; ``format`` or legacy ``checkpoint_format``). GPTQModel's
+    ``dynamic`` overrides become ``layers``: ``[("regex", pattern, overrides)]`` in the
+    config's order (first match wins, as GPTQModel and vLLM read them); ``-:`` (skip)
+    patterns need no entry (such layers are stored in float)."""
     if cfg.get("quant_method", "gptq") != "gptq":
         raise FormatError(f"gptq: quant_method {cfg.get('quant_method')!r} is not 'gptq'")
     fmt = cfg.get("format") or cfg.get("checkpoint_format") or "gptq"
     versions = {name: v for v, name in _FORMAT_NAMES.items()}
     if fmt not in versions:
         raise FormatError(f"gptq: checkpoint format {fmt!r} is not 'gptq' or 'gptq_v2'")
-    return {
+    out = {
         "bits": int(cfg["bits"]),
         "group_size": int(cfg["group_size"]),
         "sym": bool(cfg.get("sym", True)),
         "act_order": bool(cfg.get("desc_act", False)),
         "version": versions[fmt],
     }
+    layers = []
+    for key, override in (cfg.get("dynamic") or {}).items():
+        if key.startswith("-:"):
+            continue
+        unknown = set(override) - {"bits", "group_size", "sym", "desc_act"}
+        if unknown:
+            raise UnsupportedError(f"gptq: dynamic override {key!r} sets {sorted(unknown)}; qtool reads bits, "
+                                   "group_size, sym and desc_act")
+        layers.append(("regex", key.removeprefix("+:"),
+                       {k: (int(v) if k in ("bits", "group_size") else bool(v)) for k, v in override.items()
+                        if k != "desc_act"}))
+    if layers:
+        out["layers"] = layers
+    return out
 
 
 def layer_shape(tensors: dict[str, torch.Tensor], *, bits: int, **options) -> tuple[int, int]:
