@@ -135,7 +135,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     from qtool.streaming import steady_allocator
 
     t_start = time.perf_counter()
-    steady_allocator(calibrated=config.method != "rtn")  # a steady peak from block to block (see its docstring)
+    steady_allocator()  # a steady peak from block to block (its docstring has the numbers)
     check_activations(activations)
     if config.bits_budget:  # the layer sensitivity runs the whole float model
         if stream:

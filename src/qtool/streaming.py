@@ -115,8 +115,7 @@ _LIBC = None
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD = 16 << 20  # RTN: tensor-at-a-time work, where a fresh map per tensor costs
-CALIBRATED_MMAP_THRESHOLD = 1 << 20  # GPTQ, AWQ: time goes to the solves and searches
+MMAP_THRESHOLD = 16 << 20
 
 
 def _libc():
@@ -133,22 +132,22 @@ def _libc():
     return _LIBC
 
 
-def steady_allocator(calibrated: bool = False) -> None:
-    """Allocations of 16 MiB or more (1 MiB for calibrated methods) get their own memory
-    map, returned to the OS when freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``; elsewhere
-    nothing). glibc otherwise raises that threshold to the largest block freed so far (up
-    to 32 MiB), so a block's large tensors land in the heap, whose freed parts linger: the
-    peak of a block then varies by ~150 MB from block to block, and a deeper model's peak
-    is the max of more draws. Measured with RTN on 16- and 64-block 1024-wide Llamas: peak
-    0.93 / 1.05 GB without this, 0.97 / 0.98 GB with it at 15% more time; a 1 MiB threshold
-    also held the peak but took 2.4x the time (a fresh map for every tensor). GPTQ and AWQ
-    keep many tensors of 1-16 MiB (Hessians, activations of a few samples), whose heap
-    fragments still grew GPTQ's peak by 69 MiB from 16 to 64 blocks at 16 MiB; they spend
-    their time in solves and searches, so they take the 1 MiB threshold
-    (``benchmarks/results/memory_scaling.jsonl`` has the runs)."""
+def steady_allocator() -> None:
+    """Allocations of 16 MiB or more get their own memory map, returned to the OS when
+    freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing). glibc otherwise
+    raises that threshold to the largest block freed so far (up to 32 MiB), so a block's
+    large tensors land in the heap, whose freed parts linger: the peak of a block then
+    varies by ~150 MB from block to block, and a deeper model's peak is the max of more
+    draws. Measured with RTN on 16- and 64-block 1024-wide Llamas: peak 0.93 / 1.05 GB
+    without this, 0.97 / 0.98 GB with it at 15% more time; a 1 MiB threshold also held the
+    peak but took 2.4x the time (a fresh map for every tensor). GPTQ keeps many 1-16 MiB
+    tensors (Hessians, chunk caches) whose heap fragments still grow its peak (+69 MiB from
+    16 to 64 blocks at width 1024); a 1 MiB threshold held that to +10 MiB and lowered the
+    default model's GPTQ peak from 1.90 to 1.53 GiB, but took 1.33x the time there
+    (366 s vs 276 s), so every method keeps 16 MiB."""
     libc = _libc()
     if libc:
-        libc.mallopt(M_MMAP_THRESHOLD, CALIBRATED_MMAP_THRESHOLD if calibrated else MMAP_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def trim_memory() -> None:
