@@ -18,6 +18,8 @@ What the run holds at its peak (every term is in ``MemoryPlan.parts``):
 - ``method``: GPTQ's Hessians of the block's linears (float32 ``k x k`` each) and the
   solver's copies of the largest layer; AWQ's search subsample of every scale group's
   input and the outputs it compares.
+- ``sensitivity`` (``--bits-budget``): the float model's log-probabilities of the
+  sensitivity samples, float32 ``[tokens, vocab]``, and one forward's logits.
 - ``save buffers``: copying the shards and reading them back, 64 MB chunks.
 - ``unaccounted``: ``SLACK`` of the sum of the terms above (allocator fragmentation,
   temporaries); measured on the default model and the synthetic models of
@@ -151,6 +153,11 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         search = min(tokens, getattr(config, "awq_search_tokens", None) or 4096) if tokens else 0
         widest = sum(n for n, _ in linears)
         parts["method"] = parts.get("method", 0) + search * (hidden + 2 * widest) * 4 * 2
+    if getattr(config, "bits_budget", 0):  # the sensitivity pass (qtool.budget): the float model's
+        from qtool.budget import SENSITIVITY_SAMPLES  # log-probabilities, kept, plus one forward's
+
+        vocab = getattr(mcfg, "vocab_size", 0) or 0
+        parts["sensitivity"] = (SENSITIVITY_SAMPLES + 3) * config.seqlen * vocab * 4
     parts["save buffers"] = 3 * COPY_CHUNK  # the shards are copied and read back in chunks
     cpu_avail = available_cpu()
     dev_avail = available_device(device)
