@@ -171,6 +171,14 @@ def test_refused_before_any_work(capsys, tmp_path, mini_llama, calib_txt, args, 
     assert not (tmp_path / "out").exists()
 
 
+def test_image_text_calibration_is_refused(capsys, tmp_path, mini_llama):
+    rows = tmp_path / "vlm.jsonl"
+    rows.write_text(json.dumps({"image": "a.png", "text": "a picture"}) + "\n")
+    res = run_cli(capsys, "quantize", mini_llama, "-o", tmp_path / "out", "--bits-budget", "5", "--calib", rows,
+                  "--format", "compressed-tensors")
+    assert res.code != 0 and "give it a text --calib" in res.err and not (tmp_path / "out").exists()
+
+
 def test_layer_params_precedence():
     from qtool.pack import compressed_tensors as ct
     from qtool.pack import gptq, layer_params

@@ -137,7 +137,12 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
     t_start = time.perf_counter()
     steady_allocator()  # a steady peak from block to block (its docstring has the numbers)
     check_activations(activations)
-    if config.bits_budget:  # the layer sensitivity runs the whole float model
+    if config.bits_budget:  # the layer sensitivity runs the whole float model on text
+        from qtool.calib_vlm import is_image_text
+
+        if is_image_text(config.calib):
+            raise UserInputError("--bits-budget measures each layer's sensitivity on text: give it a text --calib "
+                                 "(image-text rows are not supported with it yet)")
         if stream:
             raise UserInputError("--bits-budget measures each layer in the whole model, which --stream never holds: "
                                  "drop --stream")
