@@ -90,11 +90,14 @@ def test_model_free_run_records_its_plan_and_peak(capsys, tmp_path, mini_llama):
 
 def test_bits_budget_plan_loads_whole_and_counts_the_sensitivity_pass(capsys, mini_llama):
     """--bits-budget runs the whole float model (never streamed, never model-free) and keeps
-    the float log-probabilities of the sensitivity samples: vocab x tokens in float32."""
+    the float log-probabilities of the sensitivity samples (vocab x tokens in float32) and
+    every block's input of them."""
     from qtool.budget import SENSITIVITY_SAMPLES
 
     base = ["plan", mini_llama, "--method", "rtn", "--format", "compressed-tensors", "--seqlen", "64", "--json"]
     plain = json.loads(run_cli(capsys, *base).out)
     mixed = json.loads(run_cli(capsys, *base, "--bits-budget", "4.5").out)
     assert plain["model_free"] and not mixed["model_free"] and not mixed["streamed"]
-    assert mixed["parts_bytes"]["sensitivity"] == (SENSITIVITY_SAMPLES + 3) * 64 * 49152 * 4
+    blocks, hidden = 2, 128  # the mini Llama's
+    want = ((SENSITIVITY_SAMPLES + 3) * 49152 + SENSITIVITY_SAMPLES * blocks * hidden) * 64 * 4
+    assert mixed["parts_bytes"]["sensitivity"] == want

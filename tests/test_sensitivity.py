@@ -45,3 +45,21 @@ def test_kl_of_one_quantized_layer_matches_an_independent_computation():
                 assert abs(got[name][bits] - want) <= 0.05 * want + 1e-7, (name, bits, got[name][bits], want)
             lin.weight.data = w
         assert got[name][8] < got[name][4] / 20  # 8 bits is far less sensitive
+
+
+def test_skipping_the_blocks_before_the_layer_gives_the_same_numbers():
+    """The blocks before a layer's own return its block's float input instead of computing
+    it: every KL equals the whole forward's, bit for bit, for single linears and groups."""
+    from qtool.models import spec_for
+    from qtool.sensitivity import layer_sensitivity
+
+    model = _model("llama", outliers=(3, 40))
+    ids = _ids(4, 32, seed=3)
+    spec = spec_for(model)
+    items = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj",
+             ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")]
+    fast = layer_sensitivity(model, spec, ids, (4,), group_size=32, sym=True, batch_size=2, names=items)
+    whole = layer_sensitivity(model, spec, ids, (4,), group_size=32, sym=True, batch_size=2, names=items,
+                              skip_blocks=False)
+    assert fast == whole and all(v[4] > 0 for v in fast.values())
+    assert all("forward" not in b.__dict__ for b in model.model.layers)  # the stand-ins are gone

@@ -19,7 +19,8 @@ What the run holds at its peak (every term is in ``MemoryPlan.parts``):
   solver's copies of the largest layer; AWQ's search subsample of every scale group's
   input and the outputs it compares.
 - ``sensitivity`` (``--bits-budget``): the float model's log-probabilities of the
-  sensitivity samples, float32 ``[tokens, vocab]``, and one forward's logits.
+  sensitivity samples, float32 ``[tokens, vocab]``, one forward's logits, and every
+  block's float input hidden states of those samples.
 - ``save buffers``: copying the shards and reading them back, 64 MB chunks.
 - ``unaccounted``: ``SLACK`` of the sum of the terms above (allocator fragmentation,
   temporaries); measured on the default model and the synthetic models of
@@ -157,7 +158,8 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         from qtool.budget import SENSITIVITY_SAMPLES  # log-probabilities, kept, plus one forward's
 
         vocab = getattr(mcfg, "vocab_size", 0) or 0
-        parts["sensitivity"] = (SENSITIVITY_SAMPLES + 3) * config.seqlen * vocab * 4
+        parts["sensitivity"] = ((SENSITIVITY_SAMPLES + 3) * vocab  # and every block's float input
+                                + SENSITIVITY_SAMPLES * len(blocks) * hidden) * config.seqlen * 4
     parts["save buffers"] = 3 * COPY_CHUNK  # the shards are copied and read back in chunks
     cpu_avail = available_cpu()
     dev_avail = available_device(device)
