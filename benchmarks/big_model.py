@@ -10,7 +10,13 @@ embeddings, first blocks and final norm, loaded whole in memory (``--no-stream``
 the checkpoint must load (``qtool inspect --verify``: every layer unpacks). Everything
 generated is deleted at the end (``--keep`` keeps it).
 
-    python benchmarks/big_model.py WORKDIR [--gib 30] [--hidden 2048] [--methods rtn,gptq]
+    python benchmarks/big_model.py WORKDIR [--gib 30] [--hidden 2048] [--methods rtn,gptq] [--resume]
+
+``--resume`` continues an interrupted run: the model (and the small reference) already in
+WORKDIR are kept and ``qtool quantize --resume`` continues from the work folder (the row
+records ``resumed_from_block``; its wall time is this part's). To interrupt a run so that
+it can be resumed, stop this script first (SIGKILL: its cleanup would delete the model)
+and then the ``qtool quantize`` child (SIGINT: it saves its progress).
 
 Appends one JSON line per method to benchmarks/results/big_model.jsonl.
 """
@@ -89,6 +95,7 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--check-blocks", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run on the model already in WORKDIR")
     args = ap.parse_args()
     from qtool.loading import default_model_folder
 
@@ -98,22 +105,28 @@ def main() -> None:
     depth = max(1, int(args.gib * (1 << 30) - cfg1["vocab_size"] * args.hidden * 2) // per_block + 1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     big = args.workdir / f"llama-h{args.hidden}-d{depth}"
-    shutil.rmtree(big, ignore_errors=True)
-    t0 = time.perf_counter()
-    weight_bytes = write_model(big, depth, args.hidden, default_model_folder(), blocks_per_shard=8)
-    print(f"wrote {big}: {depth} blocks, {weight_bytes / (1 << 30):.1f} GiB of bf16 weights in "
-          f"{time.perf_counter() - t0:.0f}s (RAM: {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.1f} GiB)",
-          flush=True)
     small = args.workdir / "small-ref"
-    shutil.rmtree(small, ignore_errors=True)
-    small_reference(big, small, args.check_blocks)
+    if args.resume and (big / "model.safetensors.index.json").is_file() and (small / "config.json").is_file():
+        weight_bytes = json.loads((big / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        print(f"resuming on {big} ({weight_bytes / (1 << 30):.1f} GiB)", flush=True)
+    else:
+        if args.resume:
+            raise SystemExit(f"--resume: no model and small reference in {args.workdir} to resume on")
+        shutil.rmtree(big, ignore_errors=True)
+        t0 = time.perf_counter()
+        weight_bytes = write_model(big, depth, args.hidden, default_model_folder(), blocks_per_shard=8)
+        print(f"wrote {big}: {depth} blocks, {weight_bytes / (1 << 30):.1f} GiB of bf16 weights in "
+              f"{time.perf_counter() - t0:.0f}s (RAM: {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.1f} GiB)",
+              flush=True)
+        shutil.rmtree(small, ignore_errors=True)
+        small_reference(big, small, args.check_blocks)
     try:
         for method in args.methods.split(","):
             out, ref = args.workdir / f"out-{method}", args.workdir / f"ref-{method}"
-            for p in (out, ref):
+            for p in ((ref,) if args.resume else (out, ref)):
                 shutil.rmtree(p, ignore_errors=True)
             cmd = [sys.executable, "-m", "qtool", "quantize", str(big), "-o", str(out), "--group-size", "128",
-                   *METHODS[method]]
+                   *METHODS[method], *(["--resume"] if args.resume else [])]
             load = os.getloadavg()[0]
             code, wall, rss, last = run(cmd, env)
             row = {"method": method, "depth": depth, "hidden": args.hidden, "weights_bytes": weight_bytes,
@@ -125,6 +138,7 @@ def main() -> None:
                 row["path"] = ("model-free" if record.get("model_free", {}).get("used") else
                                "streamed" if record.get("streamed", {}).get("used") else "whole")
                 row["plan_peak_cpu_bytes"] = (record.get("memory") or {}).get("plan", {}).get("peak_cpu_bytes")
+                row["resumed_from_block"] = record.get("resumed_from_block", 0)
                 ref_cmd = [sys.executable, "-m", "qtool", "quantize", str(small), "-o", str(ref), "--group-size", "128",
                            *METHODS[method], *(["--no-model-free"] if method == "rtn" else []), "--no-stream"]
                 rcode, _, _, rlast = run(ref_cmd, env)
