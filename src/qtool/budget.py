@@ -112,9 +112,9 @@ def _sizer(config, shapes: Mapping[str, tuple[int, int]]):
     return nbytes
 
 
-def check_budget(config, shapes: Mapping[str, tuple[int, int]], spec=None) -> tuple[int, int]:
-    """``(weights, budget in bytes)`` of ``--bits-budget`` over the quantized linears of
-    ``shapes``; refuses (before any work) a budget below every linear at ``config.bits``,
+def check_budget(config, shapes: Mapping[str, tuple[int, int]], spec=None):
+    """``(weights, budget in bytes, nbytes(item, bits))`` of ``--bits-budget`` over the
+    quantized linears of ``shapes``; refuses (before any work) a budget below every linear at ``config.bits``,
     and a mixture-of-experts ``spec``."""
     if spec is not None and spec.moe is not None:
         raise UserInputError("--bits-budget does not support mixture-of-experts models yet: drop it "
@@ -127,7 +127,7 @@ def check_budget(config, shapes: Mapping[str, tuple[int, int]], spec=None) -> tu
         raise UserInputError(f"--bits-budget {config.bits_budget} is below this model at {config.bits} bits in "
                              f"{config.format} ({8 * floor / weights:.3f} bits per weight with scales): raise it "
                              f"to at least {8 * floor / weights:.3f}")
-    return weights, budget
+    return weights, budget, nbytes
 
 
 def choose_widths(model, spec, config, input_ids: torch.Tensor, quantized: Sequence[str],
@@ -159,8 +159,7 @@ def choose_widths(model, spec, config, input_ids: torch.Tensor, quantized: Seque
                 items.append(item)
     items += [(n,) for n in sorted(quantized - {n for item in items for n in item})]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in quantized}
-    nbytes = _sizer(config, shapes)
-    weights, budget = check_budget(config, shapes, spec)
+    weights, budget, nbytes = check_budget(config, shapes, spec)
     ids = input_ids[:SENSITIVITY_SAMPLES]
     progress("eval", name=f"layer sensitivity ({len(ids)} x {ids.shape[1]} tokens)", total=len(items), unit="layer")
     kl = layer_sensitivity(model, spec, ids, (low,), config.group_size, config.symmetric, batch_size=1, names=items,

@@ -110,7 +110,7 @@ def layer_sensitivity(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
     blocks = list(get_blocks(model, spec))
     ref, inputs = _reference(model, blocks, chunks)
     if names is None:
-        names = [f"{spec.blocks}.{i}.{n}" for i, _ in enumerate(get_blocks(model, spec)) for n in spec.for_block(i).linears]
+        names = [f"{spec.blocks}.{i}.{n}" for i in range(len(blocks)) for n in spec.for_block(i).linears]
     out: dict = {}
     for done, item in enumerate(names):
         members = (item,) if isinstance(item, str) else tuple(item)
