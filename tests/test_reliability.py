@@ -93,6 +93,24 @@ def test_resume_refuses_a_different_run(capsys, tmp_path, deep_mini, calib_file)
     assert nothing.code == 1 and "nothing to resume" in nothing.err
 
 
+def test_resume_after_an_upgrade_that_added_options(capsys, tmp_path, deep_mini, calib_file, reference_run):
+    """A work folder written before an option existed (its fingerprint lacks the option)
+    resumes when the option is left at its default, the behaviour that run had, and gives
+    the uninterrupted run's files; set to anything else, the option is named as differing."""
+    out = tmp_path / "out"
+    assert _interrupt(quantize_cmd(deep_mini, out, calib_file), out, signal.SIGINT).returncode == 130
+    fp_file = tmp_path / "out.qtool-work" / "fingerprint.json"
+    fp = json.loads(fp_file.read_text())
+    for added in ("bits_budget", "layer_bits", "scale_search"):
+        del fp["config"][added]
+    fp_file.write_text(json.dumps(fp))
+    changed = run_cli(capsys, "quantize", deep_mini, "--method", "gptq", "-g", "64", "--calib", calib_file,
+                      "--nsamples", "8", "--seqlen", "64", "-o", out, "--resume", "--scale-search", "mse")
+    assert changed.code == 1 and "option scale_search differ" in changed.err
+    subprocess.run(quantize_cmd(deep_mini, out, calib_file, "--resume"), check=True)
+    assert file_digests(out) == file_digests(reference_run)
+
+
 def test_inspect_verify_detects_modified_file(capsys, tmp_path, reference_run):
     import shutil
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from qtool import __version__, distributed
-from qtool.config import AWQ_METHODS, QuantizeConfig, resolve_awq_search_tokens
+from qtool.config import AWQ_METHODS, QuantizeConfig, option_defaults, resolve_awq_search_tokens
 from qtool.errors import UnsupportedError, UserInputError
 from qtool.io import check_output_path, load_quantized_model, read_qtool_json, sha256_file
 from qtool.loading import load_model, resolve, skeleton_model, source_paths
@@ -200,7 +200,7 @@ def quantize(model: str | None, output: str | Path, config: QuantizeConfig, *, d
                      None if calib is None else calib.sha256, {**config.to_dict(), "dtype": dtype, "device": dev.type})
     distributed.barrier()  # every process checked the output and work folders before rank 0 makes one
     # rank 0 writes the work folder; every process reads it to resume
-    work = WorkDir.resume(output, fp) if resume else WorkDir.start(output, fp, restart) if world.leader else None
+    work = WorkDir.resume(output, fp, option_defaults()) if resume else WorkDir.start(output, fp, restart) if world.leader else None
     blocks = get_blocks(hf_model, spec)
     store = Store(mem.activations, dev, Path(output).absolute().parent)  # where the activations live
     start, done, inputs = 0 if work is None else work.next_block, {}, None

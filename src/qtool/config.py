@@ -8,6 +8,7 @@ before any calibration work starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,14 @@ class QuantizeConfig:
         d["sym"] = self.symmetric
         d["act_order_kind"] = self.act_order_kind
         return d
+
+
+def option_defaults() -> dict:
+    """Every option's default in ``to_dict``'s JSON form, for the options that have a plain
+    default: a resumed run compares an option missing from an older run's fingerprint (one
+    added since) with its default, the behaviour that run had without it."""
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(QuantizeConfig)
+                                  if f.default is not dataclasses.MISSING and not f.name.startswith("_")}))
 
 
 def _format_act_order(name: str) -> str:

@@ -150,13 +150,20 @@ class WorkDir:
         return cls(path)
 
     @classmethod
-    def resume(cls, output: str | Path, fp: dict) -> "WorkDir":
-        """The existing work folder, after checking it belongs to this exact run."""
+    def resume(cls, output: str | Path, fp: dict, defaults: dict | None = None) -> "WorkDir":
+        """The existing work folder, after checking it belongs to this exact run. An option in
+        ``defaults`` (name -> default) that the saved fingerprint lacks was added to qtool after
+        the run started (the qtool version is fingerprinted too, so only within one version):
+        it matches when this run leaves it at that default."""
         path = check_work_dir(output, resume=True, restart=False)
         if not (path / FINGERPRINT).is_file():
             raise UserInputError(f"cannot resume from {path}: it has no {FINGERPRINT}, so it is not a qtool work "
                                  "folder; rerun with --restart to discard it and start over")
         saved = json.loads((path / FINGERPRINT).read_text())
+        added = {k: v for k, v in (defaults or {}).items()
+                 if k not in saved.get("config", {}) and fp["config"].get(k) == v}
+        if added and isinstance(saved.get("config"), dict):
+            saved = {**saved, "config": {**saved["config"], **added}}
         if saved != fp:
             diff = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
             if "config" in diff:
