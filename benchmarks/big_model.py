@@ -13,10 +13,12 @@ generated is deleted at the end (``--keep`` keeps it).
     python benchmarks/big_model.py WORKDIR [--gib 30] [--hidden 2048] [--methods rtn,gptq] [--resume]
 
 ``--resume`` continues an interrupted run: the model (and the small reference) already in
-WORKDIR are kept and ``qtool quantize --resume`` continues from the work folder (the row
-records ``resumed_from_block``; its wall time is this part's). To interrupt a run so that
-it can be resumed, stop this script first (SIGKILL: its cleanup would delete the model)
-and then the ``qtool quantize`` child (SIGINT: it saves its progress).
+WORKDIR are kept, or written again when gone (the writer is seeded, so the files are
+byte-identical, which the work folder's fingerprint checks by sha256), and ``qtool quantize
+--resume`` continues from the work folder (the row records ``resumed_from_block``; its wall
+time is this part's). To interrupt a run so that it can be resumed, stop this script first
+(SIGKILL: its cleanup would delete the model) and then the ``qtool quantize`` child (SIGINT:
+it saves its progress). When a method fails, the model is kept for a ``--resume``.
 
 Appends one JSON line per method to benchmarks/results/big_model.jsonl.
 """
@@ -110,8 +112,10 @@ def main() -> None:
         weight_bytes = json.loads((big / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         print(f"resuming on {big} ({weight_bytes / (1 << 30):.1f} GiB)", flush=True)
     else:
+        if args.resume and not any(args.workdir.glob("out-*.qtool-work")):
+            raise SystemExit(f"--resume: no interrupted run (out-METHOD.qtool-work) in {args.workdir} to resume")
         if args.resume:
-            raise SystemExit(f"--resume: no model and small reference in {args.workdir} to resume on")
+            print(f"--resume: {big} is gone; writing it again (seeded: the same bytes)", flush=True)
         shutil.rmtree(big, ignore_errors=True)
         t0 = time.perf_counter()
         weight_bytes = write_model(big, depth, args.hidden, default_model_folder(), blocks_per_shard=8)
@@ -120,6 +124,7 @@ def main() -> None:
               flush=True)
         shutil.rmtree(small, ignore_errors=True)
         small_reference(big, small, args.check_blocks)
+    failed = False
     try:
         for method in args.methods.split(","):
             out, ref = args.workdir / f"out-{method}", args.workdir / f"ref-{method}"
@@ -149,13 +154,16 @@ def main() -> None:
                 row["inspect_verify_exit_code"] = insp.returncode
                 out_bytes = sum(f.stat().st_size for f in out.iterdir())
                 row["output_bytes"] = out_bytes
+            failed = failed or code != 0
             print(json.dumps(row), flush=True)
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")
             for p in (out, ref):
                 shutil.rmtree(p, ignore_errors=True)
     finally:
-        if not args.keep:
+        if failed:
+            print(f"kept {big} and {small} for a --resume", flush=True)
+        elif not args.keep:
             shutil.rmtree(big, ignore_errors=True)
             shutil.rmtree(small, ignore_errors=True)
 
