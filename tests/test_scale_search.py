@@ -219,20 +219,6 @@ def _run(capsys, *args):
     return res.json()
 
 
-def test_rtn_cli_mse_equals_the_primitive(capsys, tmp_path, mini_llama):
-    from qtool.api import load_any
-
-    record = _run(capsys, mini_llama, "--method", "rtn", "-g", "64", "--scale-search", "mse", "--scale-grid", "10",
-                  "--scale-max-shrink", "0.3", "-o", tmp_path / "r")
-    assert (record["config"]["scale_search"], record["config"]["scale_grid"],
-            record["config"]["scale_max_shrink"]) == ("mse", 10, 0.3)
-    ref, _, _ = load_any(str(mini_llama))
-    q, _, _ = load_any(str(tmp_path / "r"))
-    name = "model.layers.1.mlp.down_proj"
-    expect = rtn_quantize(ref.get_submodule(name).weight, 4, 64, True, ratios=shrink_ratios(10, 0.3)).dequantize()
-    assert torch.equal(q.get_submodule(name).weight.float(), expect)
-
-
 def test_gptq_cli_mse_into_compressed_tensors_and_gptq(capsys, tmp_path, mini_llama, calib_txt):
     """The same GPTQ run (static groups) stored in both formats reads back to the same
     weights; qtool.json records the search and the card says it."""
@@ -252,7 +238,8 @@ def test_scale_search_options_are_checked(capsys, tmp_path, mini_llama):
     for args, needle in ((["--scale-search", "l2"], "unknown --scale-search"),
                          (["--scale-grid", "10"], "only apply with --scale-search mse"),
                          (["--scale-search", "mse", "--scale-max-shrink", "1.5"], "--scale-max-shrink in (0, 1)"),
-                         (["--method", "awq", "--scale-search", "mse"], "does not apply to --method awq")):
+                         (["--method", "awq", "--scale-search", "mse"], "does not apply to --method awq"),
+                         (["--method", "rtn", "--scale-search", "mse"], "not offered with --method rtn")):
         res = run_cli(capsys, "quantize", mini_llama, "-o", tmp_path / "o", *args)
         assert res.code == 1 and needle in res.err, (args, res.err)
         assert not (tmp_path / "o").exists()
