@@ -36,7 +36,6 @@ PROTOCOL_CALIB = HERE.parent.parent / "shared" / "baselines" / "calib-wikitext2-
 ROWS = {
     "rtn": ["--method", "rtn"],
     "rtn-asym": ["--method", "rtn", "--asym"],
-    "rtn-mse": ["--method", "rtn", "--scale-search", "mse"],
     "gptq": ["--method", "gptq"],
     "gptq-mse": ["--method", "gptq", "--scale-search", "mse"],
     "awq": ["--method", "awq"],
