@@ -112,9 +112,9 @@ def main() -> None:
         weight_bytes = json.loads((big / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         print(f"resuming on {big} ({weight_bytes / (1 << 30):.1f} GiB)", flush=True)
     else:
-        if args.resume and not any(args.workdir.glob("out-*.qtool-work")):
-            raise SystemExit(f"--resume: no interrupted run (out-METHOD.qtool-work) in {args.workdir} to resume")
         if args.resume:
+            if not any(args.workdir.glob("out-*.qtool-work")):
+                raise SystemExit(f"--resume: no interrupted run (out-METHOD.qtool-work) in {args.workdir} to resume")
             print(f"--resume: {big} is gone; writing it again (seeded: the same bytes)", flush=True)
         shutil.rmtree(big, ignore_errors=True)
         t0 = time.perf_counter()

@@ -160,10 +160,8 @@ class WorkDir:
             raise UserInputError(f"cannot resume from {path}: it has no {FINGERPRINT}, so it is not a qtool work "
                                  "folder; rerun with --restart to discard it and start over")
         saved = json.loads((path / FINGERPRINT).read_text())
-        added = {k: v for k, v in (defaults or {}).items()
-                 if k not in saved.get("config", {}) and fp["config"].get(k) == v}
-        if added and isinstance(saved.get("config"), dict):
-            saved = {**saved, "config": {**saved["config"], **added}}
+        if defaults and isinstance(saved.get("config"), dict):  # the saved options win; defaults fill the gaps
+            saved["config"] = {**{k: v for k, v in defaults.items() if fp["config"].get(k) == v}, **saved["config"]}
         if saved != fp:
             diff = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
             if "config" in diff:
