@@ -349,6 +349,7 @@ METHOD_ARGS = {
     "rtn": ["--method", "rtn", "--sym"],
     "gptq": ["--method", "gptq", "--sym", "--no-act-order"],
     "awq": ["--method", "awq", "--asym"],
+    "signround": ["--method", "signround", "--sym", "--rounding-steps", "3"],
 }
 
 

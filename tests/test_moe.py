@@ -143,7 +143,8 @@ def test_mixtral_disk_names_round_trip():
         assert rename(disk, spec, False) == ours
 
 
-METHOD_ARGS = {"rtn": ["--method", "rtn", "--sym"], "gptq": ["--method", "gptq", "--sym", "--no-act-order"]}
+METHOD_ARGS = {"rtn": ["--method", "rtn", "--sym"], "gptq": ["--method", "gptq", "--sym", "--no-act-order"],
+               "signround": ["--method", "signround", "--sym", "--rounding-steps", "3"]}
 
 
 def _quantize(capsys, src, out, calib, *extra):

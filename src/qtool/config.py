@@ -15,7 +15,7 @@ from pathlib import Path
 from qtool.errors import UserInputError
 
 CONFIG_VERSION = 1
-METHODS = ("rtn", "gptq", "awq", "awq-gptq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "signround")
 GPTQ_METHODS = ("gptq", "awq-gptq")  # quantize with the GPTQ solver (act-order, damp, ...)
 AWQ_METHODS = ("awq", "awq-gptq")  # search and fold AWQ scales first (proven folds, --awq-* options)
 SCALE_SEARCHES = ("minmax", "mse")
@@ -77,6 +77,8 @@ class QuantizeConfig:
     awq_search_tokens: int = 0  # 0 = auto: see resolve_awq_search_tokens
     awq_save_search: str | None = None  # write the AWQ search results (scales, clip bounds) here
     awq_load_search: str | None = None  # apply these search results instead of searching
+    # sign-gradient rounding (qtool.signround): signed-gradient steps per block
+    rounding_steps: int = 200
     # mixture-of-experts: an expert with fewer routed calibration tokens gets moe_low_tokens
     # ("all-experts": statistics from every token; "rtn"), see qtool.models.moe
     moe_min_tokens: int = 32
@@ -131,6 +133,10 @@ class QuantizeConfig:
                                  "use it with --method gptq or awq-gptq, or drop it")
         if self.scale_search != "mse" and (self.scale_grid, self.scale_max_shrink) != (25, 0.25):
             raise UserInputError("--scale-grid/--scale-max-shrink only apply with --scale-search mse")
+        if self.rounding_steps < 1:
+            raise UserInputError("--rounding-steps must be >= 1 (200 is the default)")
+        if self.rounding_steps != 200 and self.method != "signround":
+            raise UserInputError("--rounding-steps only applies to --method signround")
         if (self.awq_save_search or self.awq_load_search) and self.method != "awq":
             raise UserInputError("--save-search/--load-search only apply to --method awq")
         if self.awq_load_search and not Path(self.awq_load_search).is_file():

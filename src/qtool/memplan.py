@@ -12,12 +12,14 @@ What the run holds at its peak (every term is in ``MemoryPlan.parts``):
 - ``activations``: the calibration hidden states of the current block's input and
   output, float32 ``[tokens, hidden]`` each (none for RTN); GPTQ also keeps the
   attention's and the MLP's outputs of every chunk for its true-sequential stages and
-  the next block's inputs (5 such copies).
+  the next block's inputs (5 such copies); SignRound the float block's outputs, its
+  targets (3 copies).
 - ``forward``: the intermediate tensors of one calibration chunk through a block (MLP
   activations, attention scores of every head, which CPU attention materialises).
 - ``method``: GPTQ's Hessians of the block's linears (float32 ``k x k`` each) and the
   solver's copies of the largest layer; AWQ's search subsample of every scale group's
-  input and the outputs it compares.
+  input and the outputs it compares; SignRound's per-weight parameters with their
+  gradients and best copy, and the intermediates autograd keeps for one chunk's backward.
 - ``sensitivity`` (``--bits-budget``): the float model's log-probabilities of the
   sensitivity samples, float32 ``[tokens, vocab]``, one forward's logits, and every
   block's float input hidden states of those samples.
@@ -139,7 +141,7 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
     tokens = config.nsamples * config.seqlen if calibrated else 0
     chunk = min(config.batch_size, max(config.nsamples, 1)) * config.seqlen if calibrated else 0
     # GPTQ also replays the attention and MLP outputs of every chunk (true-sequential stages)
-    copies = 5 if config.method in ("gptq", "awq-gptq") else 2
+    copies = 5 if config.method in ("gptq", "awq-gptq") else 3 if config.method == "signround" else 2
     all_chunks = copies * tokens * hidden * 4
     parts["activations"] = all_chunks
     inter = max((n for n, _ in linears), default=hidden)
@@ -150,6 +152,9 @@ def estimate(model, spec, config, *, streamed: bool, model_free: bool = False, d
         hess = sum(k * k * 4 for _, k in linears)
         n, k = max(linears, key=lambda s: s[0] * s[1], default=(0, 0))
         parts["method"] = hess + 4 * n * k * 4 + 3 * k * k * 4
+    if config.method == "signround":  # its rounding offsets, their gradients, the best ones and the float and
+        # fake-quantized weights (float32, one block), and the chunk intermediates autograd keeps for the backward
+        parts["method"] = 6 * block_params * 4 + 2 * parts["forward"]
     if config.method in ("awq", "awq-gptq"):
         search = min(tokens, getattr(config, "awq_search_tokens", None) or 4096) if tokens else 0
         widest = sum(n for n, _ in linears)

@@ -25,4 +25,8 @@ def get_method(config: QuantizeConfig):
         from qtool.awq_gptq import AWQGPTQMethod
 
         return AWQGPTQMethod(search_tokens=config.awq_search_tokens or AWQ_MIN_SEARCH_TOKENS)
+    if config.method == "signround":
+        from qtool.signround import SignRoundMethod
+
+        return SignRoundMethod(steps=config.rounding_steps)
     raise UserInputError(f"unknown method {config.method}")
