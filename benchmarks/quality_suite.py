@@ -13,7 +13,8 @@ windows of their evaluation halves); the float model's perplexity is the baselin
         [--calib FILE|bundled] [--wikitext-windows 40] [--suite-windows 40] [--seqlen 2048] [--reuse]
 
 ``--reuse`` keeps a row's checkpoint from an earlier run in WORKDIR (its time and RSS are
-read from WORKDIR/ROW.run.json) instead of quantizing again. Appends one JSON line per row
+read from WORKDIR/ROW.run.json) instead of quantizing again. Every row takes about 3 h here
+(signround alone, 200 steps per block: about 80 min); ``--rows`` picks some. Appends one JSON line per row
 to benchmarks/results/quality.jsonl and prints the table in the README's form.
 """
 
@@ -38,9 +39,12 @@ ROWS = {
     "rtn-asym": ["--method", "rtn", "--asym"],
     "gptq": ["--method", "gptq"],
     "gptq-mse": ["--method", "gptq", "--scale-search", "mse"],
+    "gptq-asym-mse": ["--method", "gptq", "--asym", "--scale-search", "mse"],
     "awq": ["--method", "awq"],
     "awq-gptq": ["--method", "awq-gptq"],
-    "budget-4.5": ["--method", "awq-gptq", "--sym", "--bits-budget", "4.5", "-f", "compressed-tensors"],
+    "awq-gptq-mse": ["--method", "awq-gptq", "--scale-search", "mse"],
+    "signround": ["--method", "signround"],
+    "budget-4.5": ["--method", "gptq", "--scale-search", "mse", "--bits-budget", "4.5", "-f", "compressed-tensors"],
     "default": [],
 }
 

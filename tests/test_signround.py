@@ -172,3 +172,18 @@ def test_signround_cli_checkpoint(capsys, tmp_path, mini_llama, calib_txt):
     assert {"block_loss_first", "block_loss_best", "best_step", "rounded_differently_pct"} <= stats.keys()
     check = run_cli(capsys, "inspect", str(tmp_path / "sr"), "--verify")
     assert check.code == 0, check.err
+
+
+@pytest.mark.parametrize("method", ["signround", "rtn"])
+def test_torchrun_is_refused_before_any_work(capsys, tmp_path, monkeypatch, mini_llama, calib_txt, method):
+    """Two processes: refused before the process group is joined, with one line; nothing
+    written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    res = run_cli(capsys, "quantize", str(mini_llama), "-o", str(tmp_path / "out"), "--method", method,
+                  "--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "32")
+    assert res.code != 0
+    assert ("does not run under torchrun" if method == "signround" else "has none") in res.err
+    assert len(res.err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [calib_txt.name]

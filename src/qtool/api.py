@@ -367,6 +367,9 @@ def _join_processes(dev: torch.device, config: QuantizeConfig):
         what = "--method rtn" if config.method == "rtn" else "--load-search"
         raise UserInputError(f"{world.size} processes share out the calibration work and {what} has none: "
                              "run it as one process, without torchrun")
+    if world.size > 1 and config.method == "signround":
+        raise UserInputError(f"--method signround does not run under torchrun yet ({world.size} processes): its steps "
+                             "are not checked against one process's; run it as one process")
     dev = distributed.init(dev)
     return dev, distributed.current()
 

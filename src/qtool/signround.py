@@ -24,8 +24,9 @@ only made things worse keeps RTN's codes). With ``V = 0, alpha = beta = 1`` this
 round-to-nearest of ``qtool.rtn`` (codes from the exact scale, the float16 scale stored),
 so the method starts from RTN and moves only where the block's output says so.
 
-Several processes (torchrun): every process runs the same steps on its own chunks and
-the gradients are summed before their sign is taken, so the parameters stay identical.
+Several processes (torchrun) are refused before any work (``qtool.api``) until a test
+holds them to one process's result; the steps already sum their gradients over the
+processes (``distributed.all_reduce_sum``) so that every process would take the same one.
 """
 
 from __future__ import annotations
