@@ -170,6 +170,8 @@ def test_signround_cli_checkpoint(capsys, tmp_path, mini_llama, calib_txt):
     assert record["config"]["method"] == "signround" and record["config"]["rounding_steps"] == 4
     stats = record["layers"]["model.layers.0.mlp.down_proj"]
     assert {"block_loss_first", "block_loss_best", "best_step", "rounded_differently_pct"} <= stats.keys()
+    card = (tmp_path / "sr" / "README.md").read_text()
+    assert "SIGNROUND (4 signed-gradient steps per block" in card
     check = run_cli(capsys, "inspect", str(tmp_path / "sr"), "--verify")
     assert check.code == 0, check.err
 

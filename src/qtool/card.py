@@ -279,6 +279,8 @@ def _what_was_done(record: dict) -> list[str]:
     if method in ("gptq", "awq-gptq"):
         parts.append(f"true-sequential {'on' if cfg.get('true_sequential') else 'off'}, damp {cfg.get('damp')}, "
                      f"block size {cfg.get('block_size')}")
+    if method == "signround":
+        parts.append(f"{cfg.get('rounding_steps')} signed-gradient steps per block against the float block's output")
     if cfg.get("scale_search") == "mse":
         parts.append(f"group ranges by MSE search over {cfg.get('scale_grid')} shrinks down to "
                      f"{1 - cfg.get('scale_max_shrink'):g}")
