@@ -41,6 +41,7 @@ from qtool import distributed
 from qtool.layer_error import layer_errors
 from qtool.pipeline import BlockContext, LayerResult, _to
 from qtool.qtensor import QuantizedWeight
+from qtool.rtn import minmax_qparams, quantize_to_codes
 
 RANGE_MIN = 0.5  # alpha and beta stay in [RANGE_MIN, 1]: the grid keeps at least half of each side
 
@@ -237,8 +238,6 @@ class SignRoundMethod:
 
 @torch.no_grad()
 def _rtn_codes(w: SignRoundLinear) -> torch.Tensor:
-    """The codes min-max round-to-nearest gives the same weight (``v = 0``, full range)."""
-    scale = ((w.wmax - w.wmin) / w.maxq if not w.sym else 2 * torch.maximum(-w.wmin, w.wmax) / w.maxq)
-    scale = scale.clamp(min=torch.finfo(torch.float16).tiny)
-    zero = (torch.full_like(scale, float(2 ** (w.bits - 1))) if w.sym else torch.round(-w.wmin / scale).clamp(0, w.maxq))
-    return torch.clamp(torch.round(w.w / scale[..., None]) + zero[..., None], 0, w.maxq)
+    """The codes min-max round-to-nearest (``qtool.rtn``) gives the same weight."""
+    scale, zero = minmax_qparams(w.wmin.reshape(-1), w.wmax.reshape(-1), w.bits, w.sym)
+    return quantize_to_codes(w.w, scale.view_as(w.wmin)[..., None], zero.view_as(w.wmin)[..., None], w.bits)
