@@ -13,8 +13,8 @@ windows of their evaluation halves); the float model's perplexity is the baselin
         [--calib FILE|bundled] [--wikitext-windows 40] [--suite-windows 40] [--seqlen 2048] [--reuse]
 
 ``--reuse`` keeps a row's checkpoint from an earlier run in WORKDIR (its time and RSS are
-read from WORKDIR/ROW.run.json) instead of quantizing again. Every row takes about 3 h here
-(signround alone, 200 steps per block: about 80 min); ``--rows`` picks some. Appends one JSON line per row
+read from WORKDIR/ROW.run.json) instead of quantizing again. All rows take about 3 h here
+(signround alone, 200 steps per block: about 84 min); ``--rows`` picks some. Appends one JSON line per row
 to benchmarks/results/quality.jsonl and prints the table in the README's form.
 """
 

@@ -64,18 +64,30 @@ class _Catcher:
         return hidden_states
 
 
-def _to(obj, device, dtype=None):
+def _to(obj, device, dtype=None, copy: bool = False):
+    """``obj`` (a tensor, or tuples, lists and dicts of them) on ``device``, floating
+    tensors in ``dtype`` when given; ``copy``: new tensors even where nothing moves (out
+    of inference mode, so that autograd may save them)."""
     if isinstance(obj, torch.Tensor):
         if dtype is not None and obj.is_floating_point():
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device)
+            return obj.to(device=device, dtype=dtype, copy=copy)
+        return obj.to(device, copy=copy)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device, dtype) for o in obj)
+        return tuple(_to(o, device, dtype, copy) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device, dtype) for o in obj]
+        return [_to(o, device, dtype, copy) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
+        return {k: _to(v, device, dtype, copy) for k, v in obj.items()}
     return obj
+
+
+def swap_submodule(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` where submodule ``name`` of ``block`` is; returns the one it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
 
 @dataclass

@@ -24,9 +24,9 @@ only made things worse keeps RTN's codes). With ``V = 0, alpha = beta = 1`` this
 round-to-nearest of ``qtool.rtn`` (codes from the exact scale, the float16 scale stored),
 so the method starts from RTN and moves only where the block's output says so.
 
-Several processes (torchrun) are refused before any work (``qtool.api``) until a test
-holds them to one process's result; the steps already sum their gradients over the
-processes (``distributed.all_reduce_sum``) so that every process would take the same one.
+Several processes (torchrun) are refused before any work (``qtool.api``): each would
+need the gradients summed over the processes before the sign is taken, and a test
+holding that to one process's result.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qtool import distributed
 from qtool.layer_error import layer_errors
-from qtool.pipeline import BlockContext, LayerResult, _to
+from qtool.pipeline import BlockContext, LayerResult, _to, swap_submodule
 from qtool.qtensor import QuantizedWeight
 from qtool.rtn import minmax_qparams, quantize_to_codes
 
@@ -81,18 +80,13 @@ class SignRoundLinear(nn.Module):
 
     def qparams(self, ste: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero)`` float32 ``[n, G]``: the exact scale and the integer zero."""
-        rnd = _round_ste if ste else torch.round
+        tiny = torch.finfo(torch.float16).tiny
         if self.sym:
-            amax = torch.maximum(-self.wmin, self.wmax) * self.alpha
-            scale = 2 * amax / self.maxq
-            zero = torch.full_like(scale, float(2 ** (self.bits - 1))).detach()
-        else:
-            lo, hi = self.wmin * self.beta, self.wmax * self.alpha
-            scale = (hi - lo) / self.maxq
-        scale = scale.clamp(min=torch.finfo(torch.float16).tiny)
-        if not self.sym:
-            zero = rnd(-lo / scale).clamp(0, self.maxq)
-        return scale, zero
+            scale = (2 * torch.maximum(-self.wmin, self.wmax) * self.alpha / self.maxq).clamp(min=tiny)
+            return scale, torch.full_like(scale, float(2 ** (self.bits - 1))).detach()
+        lo, hi = self.wmin * self.beta, self.wmax * self.alpha
+        scale = ((hi - lo) / self.maxq).clamp(min=tiny)
+        return scale, (_round_ste if ste else torch.round)(-lo / scale).clamp(0, self.maxq)
 
     def quantized(self, ste: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dequantized [n, k], codes [n, G, g], stored scale [n, G], zero [n, G])``."""
@@ -134,27 +128,6 @@ class SignRoundLinear(nn.Module):
         )
 
 
-def _detached(obj):
-    """``obj`` with every tensor cloned out of inference mode (autograd may save it)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple):
-        return tuple(_detached(o) for o in obj)
-    if isinstance(obj, list):
-        return [_detached(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
-    return obj
-
-
-def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    old = getattr(parent, child)
-    setattr(parent, child, module)
-    return old
-
-
 class SignRoundMethod:
     """Sign-gradient rounding of every linear of a block, jointly, against the float
     block's output.
@@ -172,44 +145,39 @@ class SignRoundMethod:
     def quantize_block(self, ctx: BlockContext) -> dict[str, LayerResult]:
         cfg = ctx.config
         names = [n for n in ctx.spec.linears if n not in ctx.keep_float]
+        if not names:
+            return {}
         t0 = time.perf_counter()
         targets = ctx.run(collect_outputs=True)  # the float block's outputs, one per chunk
         wrappers = {n: SignRoundLinear(ctx.linear(n), cfg.bits_for(ctx.full_name(n)), cfg.group_size, cfg.symmetric)
                     for n in names}
-        originals = {n: _swap(ctx.block, n, w) for n, w in wrappers.items()}
+        originals = {n: swap_submodule(ctx.block, n, w) for n, w in wrappers.items()}
         frozen = [p for p in ctx.block.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         for w in wrappers.values():
             w.requires_grad_(True)
         chunks = len(ctx.inputs.hidden)
-        order = torch.randperm(max(chunks, 1), generator=torch.Generator().manual_seed(cfg.seed + ctx.index)).tolist()
+        order = torch.randperm(chunks, generator=torch.Generator().manual_seed(cfg.seed + ctx.index)).tolist()
         params = [p for w in wrappers.values() for p in (w.v, w.alpha, w.beta)]
         first = best = None
         kept = [p.detach().clone() for p in params]
         try:
             for step in range(self.steps):
-                loss = torch.zeros((), device=ctx.device)
-                if chunks:
-                    i = order[step % chunks]
-                    hidden = _to(ctx.inputs.hidden[i], ctx.device).clone()
-                    kwargs = _detached(_to(ctx.inputs.kwargs[i], ctx.device, ctx.dtype))
-                    out = ctx.block(hidden, **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    loss = F.mse_loss(out, _to(targets[i], ctx.device).clone())
-                value = distributed.sum_floats([float(loss.detach())])[0]
+                i = order[step % chunks]
+                # copies: the stored chunks are inference tensors, which autograd cannot save
+                out = ctx.block(_to(ctx.inputs.hidden[i], ctx.device, copy=True),
+                                **_to(ctx.inputs.kwargs[i], ctx.device, ctx.dtype, copy=True))
+                out = out[0] if isinstance(out, tuple) else out
+                loss = F.mse_loss(out, _to(targets[i], ctx.device, copy=True))
+                value = loss.item()
                 first = value if first is None else first
                 if best is None or value < best:  # the parameters this loss was measured with
                     best, best_step = value, step
                     for k, p in zip(kept, params):
                         k.copy_(p.detach())
-                grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
-                flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-                flat = distributed.all_reduce_sum(flat)
-                offset = 0
-                for p in params:
-                    p.grad = flat[offset:offset + p.numel()].view_as(p)
-                    offset += p.numel()
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                    p.grad = g  # None for beta when symmetric: no step
                 lr = (1.0 - step / self.steps) / self.steps
                 for w in wrappers.values():
                     w.step(lr)
@@ -220,9 +188,9 @@ class SignRoundMethod:
             for p in frozen:
                 p.requires_grad_(True)
             for n, lin in originals.items():
-                _swap(ctx.block, n, lin)
+                swap_submodule(ctx.block, n, lin)
         targets.clear()
-        seconds = round((time.perf_counter() - t0) / max(len(names), 1), 3)
+        seconds = round((time.perf_counter() - t0) / len(names), 3)
         out = {}
         for n, w in wrappers.items():
             qw = w.export()
@@ -230,7 +198,7 @@ class SignRoundMethod:
             stats = layer_errors(lin.weight, qw.dequantize().to(lin.weight.device))
             stats.update({"block_loss_first": first, "block_loss_best": best, "best_step": best_step,
                           "alpha_mean": float(w.alpha.detach().mean()), "beta_mean": float(w.beta.detach().mean()),
-                          "rounded_differently_pct": float((w.quantized(ste=False)[1] != _rtn_codes(w)).float().mean() * 100),
+                          "rounded_differently_pct": float((qw.codes.view_as(w.w) != _rtn_codes(w)).float().mean() * 100),
                           "seconds": seconds})
             out[n] = LayerResult(qw, stats)
         return out

@@ -33,7 +33,7 @@ from qtool.gptq.hessian import HessianAccumulator
 from qtool.gptq.solver import gptq_quantize
 from qtool.layer_error import layer_errors
 from qtool.models.moe import expert_of, gptq_stages
-from qtool.pipeline import BlockContext, LayerResult, _StopForward
+from qtool.pipeline import BlockContext, LayerResult, _StopForward, swap_submodule
 from qtool.rtn import config_ratios, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,6 @@ class _Replay(nn.Module):
         out = self.outputs[self.calls]
         self.calls += 1
         return (out, None) if self.as_tuple else out
-
-
-def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    old = getattr(parent, child)
-    setattr(parent, child, module)
-    return old
 
 
 class GPTQMethod:
@@ -195,11 +187,11 @@ class GPTQMethod:
         o_inputs.clear()
         mlp_inputs = ctx.store.new()
         acc = HessianAccumulator(ctx.linear(up_group[0]).in_features, ctx.full_name(up_group[0]), device=dev)
-        attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
+        attention = swap_submodule(block, spec.attention, _Replay(attn_out, as_tuple=True))
         try:
             ctx.collect_inputs({spec.mlp: lambda x: (acc.add(x), mlp_inputs.append(x.clone()))})
         finally:
-            _swap(block, spec.attention, attention)
+            swap_submodule(block, spec.attention, attention)
         self._solve(ctx, up_group, _run_hessian(acc)[0])
         self._share(ctx)
         # 4. down_proj: run only the MLP (with quantized gate/up) on the cached MLP input
@@ -230,13 +222,13 @@ class GPTQMethod:
         with torch.inference_mode():
             mlp_out = ctx.store.new(down(x) for x in down_inputs)
         down_inputs.clear()
-        attention = _swap(block, spec.attention, _Replay(attn_out, as_tuple=True))
-        mlp = _swap(block, spec.mlp, _Replay(mlp_out, as_tuple=False))
+        attention = swap_submodule(block, spec.attention, _Replay(attn_out, as_tuple=True))
+        mlp = swap_submodule(block, spec.mlp, _Replay(mlp_out, as_tuple=False))
         try:
             ctx.outputs = ctx.run(collect_outputs=True)
         finally:
-            _swap(block, spec.attention, attention)
-            _swap(block, spec.mlp, mlp)
+            swap_submodule(block, spec.attention, attention)
+            swap_submodule(block, spec.mlp, mlp)
 
 
 def _run_hessian(acc: HessianAccumulator) -> tuple[torch.Tensor, int]:
